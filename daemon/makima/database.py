@@ -1,0 +1,284 @@
+"""The database: connection pool, schema, reconnect policy, the embedded default.
+
+Connecting retries only named connection errors (never cancellation), with a
+jittered exponential wait, each attempt under a timeout, and re-raises the
+last error when it gives up. While PostgreSQL is away, save points wait for it
+(:meth:`Database.save`); calls that answer a person fail fast with
+:class:`~makima.errors.DatabaseUnavailableError` (:meth:`Database.query`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import asyncpg
+import structlog
+from asyncpg.pool import PoolConnectionProxy
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_never,
+    wait_random_exponential,
+)
+
+from makima.embedded import ConnectParams, EmbeddedPostgres
+from makima.errors import DatabaseUnavailableError, SchemaVersionError
+
+log = structlog.get_logger("makima.database")
+
+SCHEMA_VERSION = 1
+_SCHEMA_LOCK_KEY = 0x6D616B696D61  # "makima": serialises concurrent schema applies
+
+Pool = asyncpg.Pool
+Db = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy
+T = TypeVar("T")
+
+# The errors that mean "the server is not reachable right now". Retrying
+# anything else (a constraint violation, a bug, a cancellation) would be wrong.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, socket file missing
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # includes ConnectionDoesNotExistError
+    asyncpg.CannotConnectNowError,  # starting up, shutting down, in recovery
+    asyncpg.exceptions.AdminShutdownError,  # server stopped under us
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,  # connection closed mid-operation
+)
+
+
+def schema_sql() -> str:
+    """The schema shipped inside the package (a copy of the top-level schema.sql)."""
+    return resources.files("makima").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name,
+            encoder=json.dumps,
+            decoder=json.loads,
+            schema="pg_catalog",
+        )
+
+
+def _log_retry(what: str) -> Callable[[RetryCallState], None]:
+    def before_sleep(state: RetryCallState) -> None:
+        outcome = state.outcome
+        error = outcome.exception() if outcome is not None else None
+        log.warning(
+            "database.retry",
+            operation=what,
+            attempt=state.attempt_number,
+            error=repr(error),
+            wait_s=round(state.upcoming_sleep, 3),
+        )
+
+    return before_sleep
+
+
+def retrying(what: str, *, give_up_after: float | None) -> AsyncRetrying:
+    """The reconnect policy: named errors only, jittered backoff, re-raise at the end."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(CONNECTION_ERRORS),
+        wait=wait_random_exponential(multiplier=0.05, max=2.0),
+        stop=stop_never if give_up_after is None else stop_after_delay(give_up_after),
+        reraise=True,
+        before_sleep=_log_retry(what),
+    )
+
+
+async def with_retries(
+    what: str,
+    operation: Callable[[], Awaitable[T]],
+    *,
+    give_up_after: float | None,
+    attempt_timeout: float,
+) -> T:
+    """Run ``operation`` under the reconnect policy, each attempt under a timeout."""
+    async for attempt in retrying(what, give_up_after=give_up_after):
+        with attempt:
+            with anyio.fail_after(attempt_timeout):
+                return await operation()
+    raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """Where the database is: a URL, or the embedded server in ``state_dir``."""
+
+    state_dir: Path
+    url: str | None = None
+    min_connections: int = 2
+    max_connections: int = 20
+    connect_timeout: float = 10.0
+    connect_give_up_after: float = 60.0
+
+
+async def create_pool(
+    target: ConnectParams | str,
+    *,
+    min_size: int = 2,
+    max_size: int = 20,
+    connect_timeout: float = 10.0,
+    give_up_after: float | None = 60.0,
+) -> Pool:
+    """Open a pool, retrying while the server is not reachable yet."""
+    kwargs: dict[str, Any] = {"dsn": target} if isinstance(target, str) else target.asyncpg_kwargs()
+
+    async def open_pool() -> Pool:
+        return await asyncpg.create_pool(
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            timeout=connect_timeout,
+            command_timeout=None,
+            **kwargs,
+        )
+
+    return await with_retries(
+        "create_pool",
+        open_pool,
+        give_up_after=give_up_after,
+        attempt_timeout=connect_timeout * 2,
+    )
+
+
+async def ensure_database(params: ConnectParams) -> None:
+    """Create ``params.database`` if it does not exist (embedded server only)."""
+
+    async def create() -> None:
+        conn = await asyncpg.connect(**params.asyncpg_kwargs(database="postgres"), timeout=10)
+        try:
+            exists = await conn.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", params.database
+            )
+            if not exists:
+                # CREATE DATABASE takes no parameters; the name is our own constant,
+                # quoted as an identifier by the server-side function.
+                quoted = await conn.fetchval("SELECT quote_ident($1)", params.database)
+                await conn.execute(f"CREATE DATABASE {quoted}")
+                log.info("database.created", database=params.database)
+        finally:
+            await conn.close()
+
+    await with_retries("ensure_database", create, give_up_after=60.0, attempt_timeout=20.0)
+
+
+async def schema_version(db: Db) -> int | None:
+    """The version recorded in ``makima_schema``, or None on a database without it."""
+    exists = await db.fetchval("SELECT to_regclass('makima_schema') IS NOT NULL")
+    if not exists:
+        return None
+    has_version = await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
+        "WHERE table_name = 'makima_schema' AND column_name = 'version' "
+        "AND table_schema = current_schema())"
+    )
+    if not has_version:
+        return None
+    value = await db.fetchval("SELECT version FROM makima_schema WHERE singleton")
+    return None if value is None else int(value)
+
+
+async def apply_schema(pool: Pool) -> int:
+    """Apply schema.sql (idempotent) and return the version now recorded.
+
+    Refuses a database made by a newer makima.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
+        found = await schema_version(conn)
+        if found is not None and found > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"the database has schema version {found}, newer than this makima's "
+                f"{SCHEMA_VERSION}; upgrade makima or point it at another database"
+            )
+        await conn.execute(schema_sql())
+        version = await schema_version(conn)
+    assert version is not None
+    log.info("database.schema_applied", version=version, previous=found)
+    return version
+
+
+class Database:
+    """The pool and, when no URL is given, the embedded server behind it."""
+
+    def __init__(self, pool: Pool, *, embedded: EmbeddedPostgres | None = None) -> None:
+        self.pool = pool
+        self.embedded = embedded
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.embedded is not None
+
+    @classmethod
+    async def open(cls, config: DatabaseConfig) -> Database:
+        embedded: EmbeddedPostgres | None = None
+        target: ConnectParams | str
+        if config.url:
+            target = config.url
+        else:
+            embedded = EmbeddedPostgres(config.state_dir)
+            target = await anyio.to_thread.run_sync(embedded.start)
+            await ensure_database(target)
+        try:
+            pool = await create_pool(
+                target,
+                min_size=config.min_connections,
+                max_size=config.max_connections,
+                connect_timeout=config.connect_timeout,
+                give_up_after=config.connect_give_up_after,
+            )
+            try:
+                await apply_schema(pool)
+            except BaseException:
+                await pool.close()
+                raise
+        except BaseException:
+            if embedded is not None:
+                await anyio.to_thread.run_sync(embedded.stop)
+            raise
+        return cls(pool, embedded=embedded)
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(10) as scope:
+                await self.pool.close()
+            if scope.cancelled_caught:  # a connection would not let go
+                self.pool.terminate()
+            if self.embedded is not None:
+                await anyio.to_thread.run_sync(self.embedded.stop)
+
+    async def save(self, operation: Callable[[Pool], Awaitable[T]], what: str) -> T:
+        """Run a save point; while the database is away, wait for it (never drop)."""
+        return await with_retries(
+            what, lambda: operation(self.pool), give_up_after=None, attempt_timeout=30.0
+        )
+
+    async def query(self, operation: Callable[[Pool], Awaitable[T]]) -> T:
+        """Run a read or a person's request; fail fast when the database is away."""
+        try:
+            return await operation(self.pool)
+        except CONNECTION_ERRORS as exc:
+            raise DatabaseUnavailableError(f"the database is not reachable: {exc}") from exc
+
+
+@asynccontextmanager
+async def transaction(db: Db) -> AsyncIterator[asyncpg.Connection | PoolConnectionProxy]:
+    """A transaction on ``db``: a connection from the pool, or ``db`` itself."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn, conn.transaction():
+            yield conn
+    else:
+        async with db.transaction():
+            yield db

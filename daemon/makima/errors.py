@@ -1,0 +1,63 @@
+"""The one exception root of makima and its branches.
+
+Every error raised on purpose by makima derives from :class:`MakimaError`.
+Driver errors are wrapped at the boundary (``raise … from exc``) so the cause
+is kept. Messages name the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MakimaError(Exception):
+    """Root of every error makima raises on purpose."""
+
+
+class InvalidValueError(MakimaError, ValueError):
+    """A value does not have the shape or range makima expects."""
+
+
+class IllegalTransitionError(MakimaError):
+    """An event does not apply to a supervisor in its current state."""
+
+    def __init__(self, state: str, event: str) -> None:
+        super().__init__(f"event {event!r} is not allowed for a supervisor in state {state!r}")
+        self.state = state
+        self.event = event
+
+
+class NotFoundError(MakimaError):
+    """The thing asked for does not exist."""
+
+
+class ConflictError(MakimaError):
+    """The request conflicts with what is already recorded (e.g. already answered)."""
+
+    def __init__(self, message: str, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.data = data or {}
+
+
+class InvalidAnswerError(MakimaError):
+    """An answer is not one of the question's choices."""
+
+    def __init__(self, message: str, choices: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.choices = choices
+
+
+class ForbiddenError(MakimaError):
+    """The caller may not do this."""
+
+
+class DatabaseUnavailableError(MakimaError):
+    """PostgreSQL cannot be reached right now."""
+
+
+class EmbeddedDatabaseError(MakimaError):
+    """The embedded PostgreSQL could not be set up, started or stopped."""
+
+
+class SchemaVersionError(MakimaError):
+    """The database was made by a newer makima than this one."""

@@ -1,0 +1,713 @@
+"""Every SQL statement makima runs, one function per statement or transaction.
+
+Nothing else in makima talks SQL. Every value is a bind parameter; no value
+is ever formatted into a statement. Each function takes ``db`` (a pool, a
+connection, or a pooled connection) and returns model objects.
+
+Changes to ``pending_questions`` and ``spawned_task_ids`` are computed by
+PostgreSQL inside one UPDATE, so concurrent writers never lose each other's
+changes (no read-modify-write in Python). Every write to
+``supervisor_states`` bumps ``version`` and ``updated_at``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from makima.database import Db, transaction
+from makima.errors import ConflictError, NotFoundError
+from makima.model import (
+    UNFINISHED_STATES,
+    CheckpointRecord,
+    MessageRecord,
+    PendingQuestion,
+    QuestionRecord,
+    RestorationSource,
+    SpawnedTaskConsistency,
+    SupervisorSpec,
+    SupervisorState,
+    SupervisorStateEnum,
+    TaskRecord,
+    TaskStatus,
+    check_answer,
+)
+
+_STATE_COLUMNS = (
+    "supervisor_id",
+    "state",
+    "phase",
+    "current_activity",
+    "progress",
+    "error_message",
+    "spawned_task_ids",
+    "pending_questions",
+    "restoration_count",
+    "last_restored_at",
+    "restoration_source",
+    "checkpoint_data",
+    "last_heartbeat",
+    "version",
+    "owner_daemon_id",
+    "lease_epoch",
+    "created_at",
+    "updated_at",
+)
+_STATE = ", ".join(f"st.{c}" for c in _STATE_COLUMNS)
+_SPEC = "sp.supervisor_id, sp.name, sp.goal, sp.agent_command, sp.cwd, sp.env, sp.created_at"
+_UNFINISHED = [s.value for s in sorted(UNFINISHED_STATES)]
+_BUMP = "version = version + 1, updated_at = now()"
+
+
+def _state(row: asyncpg.Record | None) -> SupervisorState | None:
+    return None if row is None else SupervisorState.from_row(row)
+
+
+def _split(row: asyncpg.Record) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a joined spec+state row whose state columns are prefixed ``st_``."""
+    spec: dict[str, Any] = {}
+    state: dict[str, Any] = {}
+    for key, value in row.items():
+        if key.startswith("st_"):
+            state[key[3:]] = value
+        else:
+            spec[key] = value
+    return spec, state
+
+
+# --------------------------------------------------------------------------- specs
+
+
+async def create_supervisor(db: Db, spec: SupervisorSpec) -> SupervisorState:
+    """Write the spec and its initial state row in one transaction."""
+    async with transaction(db) as conn:
+        await conn.execute(
+            "INSERT INTO supervisors (supervisor_id, name, goal, agent_command, cwd, env) "
+            "VALUES ($1, $2, $3, $4, $5, $6)",
+            spec.supervisor_id,
+            spec.name,
+            spec.goal,
+            list(spec.agent_command),
+            spec.cwd,
+            dict(spec.env),
+        )
+        row = await conn.fetchrow(
+            f"INSERT INTO supervisor_states AS st (supervisor_id) VALUES ($1) RETURNING {_STATE}",
+            spec.supervisor_id,
+        )
+    state = _state(row)
+    assert state is not None
+    return state
+
+
+async def get_supervisor_spec(db: Db, supervisor_id: uuid.UUID) -> SupervisorSpec | None:
+    row = await db.fetchrow(
+        f"SELECT {_SPEC} FROM supervisors sp WHERE sp.supervisor_id = $1", supervisor_id
+    )
+    return None if row is None else SupervisorSpec.from_row(row)
+
+
+async def get_supervisor(
+    db: Db, supervisor_id: uuid.UUID
+) -> tuple[SupervisorSpec, SupervisorState | None] | None:
+    """The spec and, if it has one, the state row of a supervisor."""
+    state_cols = ", ".join(f"st.{c} AS st_{c}" for c in _STATE_COLUMNS)
+    row = await db.fetchrow(
+        f"SELECT {_SPEC}, st.supervisor_id IS NOT NULL AS has_state, {state_cols} "
+        "FROM supervisors sp LEFT JOIN supervisor_states st USING (supervisor_id) "
+        "WHERE sp.supervisor_id = $1",
+        supervisor_id,
+    )
+    if row is None:
+        return None
+    spec_row, state_row = _split(row)
+    has_state = spec_row.pop("has_state")
+    spec = SupervisorSpec.from_row(spec_row)
+    return spec, SupervisorState.from_row(state_row) if has_state else None
+
+
+async def list_supervisors(
+    db: Db, *, include_finished: bool = False
+) -> list[tuple[SupervisorSpec, SupervisorState]]:
+    """Every supervisor with a state row, newest first; unfinished only unless asked."""
+    state_cols = ", ".join(f"st.{c} AS st_{c}" for c in _STATE_COLUMNS)
+    rows = await db.fetch(
+        f"SELECT {_SPEC}, {state_cols} "
+        "FROM supervisors sp JOIN supervisor_states st USING (supervisor_id) "
+        "WHERE $1 OR st.state = ANY($2::text[]) "
+        "ORDER BY sp.created_at DESC, sp.supervisor_id",
+        include_finished,
+        _UNFINISHED,
+    )
+    result = []
+    for row in rows:
+        spec_row, state_row = _split(row)
+        result.append((SupervisorSpec.from_row(spec_row), SupervisorState.from_row(state_row)))
+    return result
+
+
+async def get_specs_without_state(db: Db) -> list[SupervisorSpec]:
+    """Specs that have no state row (restoration step 3: start fresh)."""
+    rows = await db.fetch(
+        f"SELECT {_SPEC} FROM supervisors sp "
+        "WHERE NOT EXISTS (SELECT 1 FROM supervisor_states st "
+        "WHERE st.supervisor_id = sp.supervisor_id) ORDER BY sp.created_at"
+    )
+    return [SupervisorSpec.from_row(r) for r in rows]
+
+
+async def count_supervisors_by_state(db: Db) -> dict[SupervisorStateEnum, int]:
+    rows = await db.fetch("SELECT state, count(*) AS n FROM supervisor_states GROUP BY state")
+    return {SupervisorStateEnum(r["state"]): int(r["n"]) for r in rows}
+
+
+# --------------------------------------------------------------------------- the seed's eleven
+
+
+async def update_supervisor_detailed_state(
+    db: Db,
+    supervisor_id: uuid.UUID,
+    state: SupervisorStateEnum,
+    current_activity: str | None,
+    progress: int,
+    error_message: str | None = None,
+) -> int | None:
+    """Save point on a state change. Returns the new version, None if no such supervisor."""
+    value = await db.fetchval(
+        "UPDATE supervisor_states SET state = $2, current_activity = $3, progress = $4, "
+        f"error_message = $5, {_BUMP} WHERE supervisor_id = $1 RETURNING version",
+        supervisor_id,
+        state.value,
+        current_activity,
+        progress,
+        error_message,
+    )
+    return None if value is None else int(value)
+
+
+_ADD_TASK_ID = (
+    "UPDATE supervisor_states SET spawned_task_ids = CASE "
+    "WHEN $2::uuid = ANY(spawned_task_ids) THEN spawned_task_ids "
+    "ELSE array_append(COALESCE(spawned_task_ids, ARRAY[]::uuid[]), $2::uuid) END, "
+    f"{_BUMP} WHERE supervisor_id = $1 RETURNING version"
+)
+
+
+async def add_supervisor_spawned_task(db: Db, supervisor_id: uuid.UUID, task_id: uuid.UUID) -> bool:
+    """Record a spawned task id (idempotent). False if no such supervisor."""
+    return await db.fetchval(_ADD_TASK_ID, supervisor_id, task_id) is not None
+
+
+_ADD_QUESTION = (
+    "UPDATE supervisor_states SET pending_questions = CASE "
+    "WHEN COALESCE(pending_questions, '[]'::jsonb) "
+    "@> jsonb_build_array(jsonb_build_object('id', $3::text)) "
+    "THEN pending_questions "
+    "ELSE COALESCE(pending_questions, '[]'::jsonb) || jsonb_build_array($2::jsonb) END, "
+    f"{_BUMP} WHERE supervisor_id = $1 RETURNING version"
+)
+
+
+async def add_supervisor_pending_question(
+    db: Db, supervisor_id: uuid.UUID, question: PendingQuestion
+) -> bool:
+    """Append a pending question atomically (idempotent by id). False if no such supervisor."""
+    version = await db.fetchval(_ADD_QUESTION, supervisor_id, question.to_json(), str(question.id))
+    return version is not None
+
+
+_REMOVE_QUESTION = (
+    "UPDATE supervisor_states SET pending_questions = COALESCE(("
+    "SELECT jsonb_agg(q ORDER BY n) FROM jsonb_array_elements(pending_questions) "
+    "WITH ORDINALITY AS e(q, n) WHERE q->>'id' IS DISTINCT FROM $2::text), '[]'::jsonb), "
+    f"{_BUMP} WHERE supervisor_id = $1 "
+    "AND pending_questions @> jsonb_build_array(jsonb_build_object('id', $2::text)) "
+    "RETURNING version"
+)
+
+
+async def remove_supervisor_pending_question(
+    db: Db, supervisor_id: uuid.UUID, question_id: uuid.UUID
+) -> bool:
+    """Drop a pending question atomically. True if it was there."""
+    version = await db.fetchval(_REMOVE_QUESTION, supervisor_id, str(question_id))
+    return version is not None
+
+
+async def save_supervisor_state_full(db: Db, state: SupervisorState) -> int:
+    """UPSERT every mutable column of a state. Returns the new version."""
+    value = await db.fetchval(
+        "INSERT INTO supervisor_states AS st (supervisor_id, state, phase, current_activity, "
+        "progress, error_message, spawned_task_ids, pending_questions, restoration_count, "
+        "last_restored_at, restoration_source, checkpoint_data, last_heartbeat, "
+        "owner_daemon_id, lease_epoch, version) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1) "
+        "ON CONFLICT (supervisor_id) DO UPDATE SET state = EXCLUDED.state, "
+        "phase = EXCLUDED.phase, current_activity = EXCLUDED.current_activity, "
+        "progress = EXCLUDED.progress, error_message = EXCLUDED.error_message, "
+        "spawned_task_ids = EXCLUDED.spawned_task_ids, "
+        "pending_questions = EXCLUDED.pending_questions, "
+        "restoration_count = EXCLUDED.restoration_count, "
+        "last_restored_at = EXCLUDED.last_restored_at, "
+        "restoration_source = EXCLUDED.restoration_source, "
+        "checkpoint_data = EXCLUDED.checkpoint_data, "
+        "last_heartbeat = EXCLUDED.last_heartbeat, "
+        "owner_daemon_id = EXCLUDED.owner_daemon_id, lease_epoch = EXCLUDED.lease_epoch, "
+        "version = st.version + 1, updated_at = now() RETURNING version",
+        state.supervisor_id,
+        state.state.value,
+        state.phase,
+        state.current_activity,
+        state.progress,
+        state.error_message,
+        list(state.spawned_task_ids),
+        [q.to_json() for q in state.pending_questions],
+        state.restoration_count,
+        state.last_restored_at,
+        None if state.restoration_source is None else state.restoration_source.value,
+        state.checkpoint_data,
+        state.last_heartbeat,
+        state.owner_daemon_id,
+        state.lease_epoch,
+    )
+    return int(value)
+
+
+async def mark_supervisor_restored(
+    db: Db, supervisor_id: uuid.UUID, source: RestorationSource
+) -> tuple[int, datetime] | None:
+    """Count one restoration. Returns (restoration_count, last_restored_at)."""
+    row = await db.fetchrow(
+        "UPDATE supervisor_states SET restoration_count = COALESCE(restoration_count, 0) + 1, "
+        f"last_restored_at = now(), restoration_source = $2, {_BUMP} "
+        "WHERE supervisor_id = $1 RETURNING restoration_count, last_restored_at",
+        supervisor_id,
+        source.value,
+    )
+    return None if row is None else (int(row[0]), row[1])
+
+
+async def mark_supervisors_restored(
+    db: Db, supervisor_ids: Sequence[uuid.UUID], source: RestorationSource
+) -> dict[uuid.UUID, int]:
+    """Bulk form of :func:`mark_supervisor_restored` (one statement for many)."""
+    rows = await db.fetch(
+        "UPDATE supervisor_states SET restoration_count = COALESCE(restoration_count, 0) + 1, "
+        f"last_restored_at = now(), restoration_source = $2, {_BUMP} "
+        "WHERE supervisor_id = ANY($1::uuid[]) RETURNING supervisor_id, restoration_count",
+        list(supervisor_ids),
+        source.value,
+    )
+    return {r["supervisor_id"]: int(r["restoration_count"]) for r in rows}
+
+
+async def get_supervisors_with_pending_questions(db: Db) -> list[SupervisorState]:
+    """Unfinished supervisors that have at least one pending question."""
+    rows = await db.fetch(
+        f"SELECT {_STATE} FROM supervisor_states st "
+        "WHERE st.pending_questions != '[]'::jsonb AND st.state = ANY($1::text[]) "
+        "ORDER BY st.created_at",
+        _UNFINISHED,
+    )
+    return [SupervisorState.from_row(r) for r in rows]
+
+
+async def get_supervisor_state_for_restoration(
+    db: Db, supervisor_id: uuid.UUID
+) -> SupervisorState | None:
+    row = await db.fetchrow(
+        f"SELECT {_STATE} FROM supervisor_states st WHERE st.supervisor_id = $1", supervisor_id
+    )
+    return _state(row)
+
+
+async def get_unfinished_supervisor_states(db: Db) -> list[SupervisorState]:
+    """Bulk load for restoration at startup: every unfinished state row."""
+    rows = await db.fetch(
+        f"SELECT {_STATE} FROM supervisor_states st WHERE st.state = ANY($1::text[]) "
+        "ORDER BY st.created_at",
+        _UNFINISHED,
+    )
+    return [SupervisorState.from_row(r) for r in rows]
+
+
+async def validate_spawned_tasks(db: Db, supervisor_id: uuid.UUID) -> SpawnedTaskConsistency:
+    """Compare ``spawned_task_ids`` with the ``tasks`` rows of a supervisor."""
+    row = await db.fetchrow(
+        "WITH listed AS (SELECT DISTINCT unnest(spawned_task_ids) AS task_id "
+        "FROM supervisor_states WHERE supervisor_id = $1), "
+        "present AS (SELECT task_id FROM tasks WHERE supervisor_id = $1) "
+        "SELECT "
+        "COALESCE((SELECT array_agg(task_id ORDER BY task_id) FROM listed "
+        "WHERE task_id NOT IN (SELECT task_id FROM present)), ARRAY[]::uuid[]) AS missing, "
+        "COALESCE((SELECT array_agg(task_id ORDER BY task_id) FROM present "
+        "WHERE task_id NOT IN (SELECT task_id FROM listed)), ARRAY[]::uuid[]) AS unlisted",
+        supervisor_id,
+    )
+    assert row is not None
+    return SpawnedTaskConsistency(
+        missing_task_rows=tuple(row["missing"]), unlisted_task_ids=tuple(row["unlisted"])
+    )
+
+
+async def update_supervisor_phase(db: Db, supervisor_id: uuid.UUID, phase: str) -> int | None:
+    """Save point on a phase change. Returns the new version."""
+    value = await db.fetchval(
+        f"UPDATE supervisor_states SET phase = $2, {_BUMP} "
+        "WHERE supervisor_id = $1 RETURNING version",
+        supervisor_id,
+        phase,
+    )
+    return None if value is None else int(value)
+
+
+async def update_supervisor_heartbeat_state(
+    db: Db,
+    supervisor_id: uuid.UUID,
+    state: SupervisorStateEnum,
+    current_activity: str | None,
+    progress: int,
+) -> bool:
+    """Lightweight heartbeat: ``last_heartbeat`` (database clock), state, activity, progress."""
+    value = await db.fetchval(
+        "UPDATE supervisor_states SET last_heartbeat = now(), state = $2, "
+        "current_activity = $3, progress = $4, updated_at = now() "
+        "WHERE supervisor_id = $1 RETURNING 1",
+        supervisor_id,
+        state.value,
+        current_activity,
+        progress,
+    )
+    return value is not None
+
+
+async def update_supervisors_heartbeat_bulk(
+    db: Db,
+    beats: Sequence[tuple[uuid.UUID, SupervisorStateEnum, str | None, int]],
+) -> int:
+    """Heartbeat many supervisors in one statement. Returns how many rows were touched."""
+    if not beats:
+        return 0
+    rows = await db.fetch(
+        "UPDATE supervisor_states AS st SET last_heartbeat = now(), state = b.state, "
+        "current_activity = b.activity, progress = b.progress, updated_at = now() "
+        "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[]) "
+        "AS b(supervisor_id, state, activity, progress) "
+        "WHERE st.supervisor_id = b.supervisor_id RETURNING 1",
+        [b[0] for b in beats],
+        [b[1].value for b in beats],
+        [b[2] for b in beats],
+        [b[3] for b in beats],
+    )
+    return len(rows)
+
+
+# --------------------------------------------------------------------------- tasks
+
+_TASK = (
+    "task_id, supervisor_id, name, command, cwd, env, status, exit_code, output_tail, "
+    "attempts, created_at, started_at, finished_at"
+)
+
+
+async def create_task(db: Db, task: TaskRecord) -> TaskRecord:
+    """Save point on task spawn: the row and the supervisor's list, in one transaction.
+
+    Idempotent by ``task_id``. Raises NotFoundError for an unknown supervisor.
+    """
+    async with transaction(db) as conn:
+        listed = await conn.fetchval(_ADD_TASK_ID, task.supervisor_id, task.task_id)
+        if listed is None:
+            raise NotFoundError(f"no supervisor {task.supervisor_id}")
+        await conn.execute(
+            "INSERT INTO tasks (task_id, supervisor_id, name, command, cwd, env, status) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (task_id) DO NOTHING",
+            task.task_id,
+            task.supervisor_id,
+            task.name,
+            list(task.command),
+            task.cwd,
+            dict(task.env),
+            task.status.value,
+        )
+        row = await conn.fetchrow(f"SELECT {_TASK} FROM tasks WHERE task_id = $1", task.task_id)
+    assert row is not None
+    return TaskRecord.from_row(row)
+
+
+async def mark_task_running(db: Db, task_id: uuid.UUID) -> TaskRecord | None:
+    """A new attempt of the task's process has started."""
+    row = await db.fetchrow(
+        "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = now(), "
+        "finished_at = NULL, exit_code = NULL "
+        f"WHERE task_id = $1 AND status IN ('pending', 'running', 'interrupted') RETURNING {_TASK}",
+        task_id,
+    )
+    return None if row is None else TaskRecord.from_row(row)
+
+
+async def finish_task(
+    db: Db,
+    task_id: uuid.UUID,
+    status: TaskStatus,
+    exit_code: int | None,
+    output_tail: str | None,
+) -> TaskRecord | None:
+    """Record a final status. None if the task is unknown or already finished."""
+    if not status.is_finished:
+        raise ValueError(f"finish_task needs a final status; got {status.value!r}")
+    row = await db.fetchrow(
+        "UPDATE tasks SET status = $2, exit_code = $3, output_tail = $4, finished_at = now() "
+        f"WHERE task_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}",
+        task_id,
+        status.value,
+        exit_code,
+        output_tail,
+    )
+    return None if row is None else TaskRecord.from_row(row)
+
+
+async def get_task(db: Db, task_id: uuid.UUID) -> TaskRecord | None:
+    row = await db.fetchrow(f"SELECT {_TASK} FROM tasks WHERE task_id = $1", task_id)
+    return None if row is None else TaskRecord.from_row(row)
+
+
+async def get_tasks_for_supervisor(db: Db, supervisor_id: uuid.UUID) -> list[TaskRecord]:
+    rows = await db.fetch(
+        f"SELECT {_TASK} FROM tasks WHERE supervisor_id = $1 ORDER BY created_at, task_id",
+        supervisor_id,
+    )
+    return [TaskRecord.from_row(r) for r in rows]
+
+
+async def interrupt_unfinished_tasks(db: Db, supervisor_id: uuid.UUID) -> list[TaskRecord]:
+    """Mark every pending or running task of a supervisor ``interrupted``."""
+    rows = await db.fetch(
+        "UPDATE tasks SET status = 'interrupted', finished_at = now() "
+        f"WHERE supervisor_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}",
+        supervisor_id,
+    )
+    return [TaskRecord.from_row(r) for r in rows]
+
+
+# --------------------------------------------------------------------------- messages, checkpoints
+
+
+async def append_supervisor_message(
+    db: Db, supervisor_id: uuid.UUID, role: str, content: Any
+) -> int:
+    """Append to the conversation history. Returns the message's ``seq``.
+
+    A supervisor's messages are written by its one agent in order; two
+    concurrent appends for the same supervisor would collide on the key and
+    one would fail rather than be lost.
+    """
+    value = await db.fetchval(
+        "INSERT INTO supervisor_messages (supervisor_id, seq, role, content) "
+        "SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3 FROM supervisor_messages "
+        "WHERE supervisor_id = $1 RETURNING seq",
+        supervisor_id,
+        role,
+        content,
+    )
+    return int(value)
+
+
+async def get_supervisor_messages(
+    db: Db, supervisor_id: uuid.UUID, limit: int | None = None
+) -> list[MessageRecord]:
+    """The conversation history in order; with ``limit``, only the last ``limit`` entries."""
+    rows = await db.fetch(
+        "SELECT * FROM (SELECT supervisor_id, seq, role, content, created_at "
+        "FROM supervisor_messages WHERE supervisor_id = $1 ORDER BY seq DESC LIMIT $2) m "
+        "ORDER BY seq",
+        supervisor_id,
+        limit,
+    )
+    return [MessageRecord.from_row(r) for r in rows]
+
+
+async def save_supervisor_checkpoint(
+    db: Db, supervisor_id: uuid.UUID, snapshot: SupervisorState, reason: str
+) -> int:
+    """Keep a full snapshot. Returns its ``seq``."""
+    value = await db.fetchval(
+        "INSERT INTO supervisor_checkpoints (supervisor_id, seq, snapshot, reason) "
+        "SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3 FROM supervisor_checkpoints "
+        "WHERE supervisor_id = $1 RETURNING seq",
+        supervisor_id,
+        snapshot.to_json(),
+        reason,
+    )
+    return int(value)
+
+
+async def get_latest_supervisor_checkpoint(
+    db: Db, supervisor_id: uuid.UUID
+) -> CheckpointRecord | None:
+    row = await db.fetchrow(
+        "SELECT supervisor_id, seq, snapshot, reason, created_at FROM supervisor_checkpoints "
+        "WHERE supervisor_id = $1 ORDER BY seq DESC LIMIT 1",
+        supervisor_id,
+    )
+    return None if row is None else CheckpointRecord.from_row(row)
+
+
+# --------------------------------------------------------------------------- questions
+
+_QUESTION = (
+    "question_id, supervisor_id, question, choices, context, asked_at, answer, answered_at, "
+    "answered_by_uid, delivered_at, redelivery_count"
+)
+
+
+async def record_question_asked(
+    db: Db,
+    supervisor_id: uuid.UUID,
+    question: PendingQuestion,
+    state: SupervisorStateEnum,
+) -> int:
+    """Save point on a question: its row, the pending entry and the state, in one transaction.
+
+    Idempotent by question id. Returns the supervisor's new version.
+    """
+    async with transaction(db) as conn:
+        version = await conn.fetchval(
+            _ADD_QUESTION, supervisor_id, question.to_json(), str(question.id)
+        )
+        if version is None:
+            raise NotFoundError(f"no supervisor {supervisor_id}")
+        await conn.execute(
+            "INSERT INTO questions (question_id, supervisor_id, question, choices, context, "
+            "asked_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (question_id) DO NOTHING",
+            question.id,
+            supervisor_id,
+            question.question,
+            list(question.choices),
+            question.context,
+            question.asked_at,
+        )
+        version = await conn.fetchval(
+            "UPDATE supervisor_states SET state = $2, "
+            f"{_BUMP} WHERE supervisor_id = $1 RETURNING version",
+            supervisor_id,
+            state.value,
+        )
+    return int(version)
+
+
+async def answer_question(
+    db: Db, question_id: uuid.UUID, answer: str, answered_by_uid: int | None
+) -> QuestionRecord:
+    """Record the one answer to a question and drop it from ``pending_questions``.
+
+    One transaction. Raises NotFoundError for an unknown question,
+    ConflictError (with the existing answer in ``data``) when it was answered
+    already, InvalidAnswerError when ``answer`` is not one of the choices.
+    """
+    async with transaction(db) as conn:
+        row = await conn.fetchrow(
+            f"SELECT {_QUESTION} FROM questions WHERE question_id = $1 FOR UPDATE", question_id
+        )
+        if row is None:
+            raise NotFoundError(f"no question {question_id}")
+        existing = QuestionRecord.from_row(row)
+        if existing.is_answered:
+            raise ConflictError(
+                f"question {question_id} was already answered",
+                {
+                    "question_id": str(question_id),
+                    "answer": existing.answer,
+                    "answered_at": existing.answered_at.isoformat()
+                    if existing.answered_at
+                    else None,
+                },
+            )
+        check_answer(answer, existing.choices)
+        row = await conn.fetchrow(
+            "UPDATE questions SET answer = $2, answered_at = now(), answered_by_uid = $3 "
+            f"WHERE question_id = $1 RETURNING {_QUESTION}",
+            question_id,
+            answer,
+            answered_by_uid,
+        )
+        await conn.fetchval(_REMOVE_QUESTION, existing.supervisor_id, str(question_id))
+    assert row is not None
+    return QuestionRecord.from_row(row)
+
+
+async def get_question(db: Db, question_id: uuid.UUID) -> QuestionRecord | None:
+    row = await db.fetchrow(
+        f"SELECT {_QUESTION} FROM questions WHERE question_id = $1", question_id
+    )
+    return None if row is None else QuestionRecord.from_row(row)
+
+
+async def list_open_questions(
+    db: Db, supervisor_id: uuid.UUID | None = None
+) -> list[QuestionRecord]:
+    """Unanswered questions of unfinished supervisors, oldest first."""
+    rows = await db.fetch(
+        f"SELECT {', '.join('q.' + c.strip() for c in _QUESTION.split(','))} "
+        "FROM questions q JOIN supervisor_states st USING (supervisor_id) "
+        "WHERE q.answer IS NULL AND st.state = ANY($2::text[]) "
+        "AND ($1::uuid IS NULL OR q.supervisor_id = $1) ORDER BY q.asked_at, q.question_id",
+        supervisor_id,
+        _UNFINISHED,
+    )
+    return [QuestionRecord.from_row(r) for r in rows]
+
+
+async def get_undelivered_answers(db: Db, supervisor_id: uuid.UUID) -> list[QuestionRecord]:
+    """Answers persisted but not yet received by the agent, in answer order."""
+    rows = await db.fetch(
+        f"SELECT {_QUESTION} FROM questions WHERE supervisor_id = $1 "
+        "AND answer IS NOT NULL AND delivered_at IS NULL ORDER BY answered_at, question_id",
+        supervisor_id,
+    )
+    return [QuestionRecord.from_row(r) for r in rows]
+
+
+async def mark_answer_delivered(db: Db, question_id: uuid.UUID) -> bool:
+    """The agent has the answer. True the first time only."""
+    value = await db.fetchval(
+        "UPDATE questions SET delivered_at = now() "
+        "WHERE question_id = $1 AND answer IS NOT NULL AND delivered_at IS NULL RETURNING 1",
+        question_id,
+    )
+    return value is not None
+
+
+async def increment_redelivery_count(db: Db, question_ids: Sequence[uuid.UUID]) -> int:
+    """Count one more delivery of each open question. Returns how many were counted."""
+    rows = await db.fetch(
+        "UPDATE questions SET redelivery_count = redelivery_count + 1 "
+        "WHERE question_id = ANY($1::uuid[]) AND answer IS NULL RETURNING 1",
+        list(question_ids),
+    )
+    return len(rows)
+
+
+# --------------------------------------------------------------------------- daemons
+
+
+async def register_daemon(db: Db, daemon_id: uuid.UUID, host: str, pid: int) -> None:
+    await db.execute(
+        "INSERT INTO daemons (daemon_id, host, pid) VALUES ($1, $2, $3) "
+        "ON CONFLICT (daemon_id) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, "
+        "last_seen_at = now()",
+        daemon_id,
+        host,
+        pid,
+    )
+
+
+async def touch_daemon(db: Db, daemon_id: uuid.UUID) -> bool:
+    value = await db.fetchval(
+        "UPDATE daemons SET last_seen_at = now() WHERE daemon_id = $1 RETURNING 1", daemon_id
+    )
+    return value is not None

@@ -1,0 +1,133 @@
+"""Shared fixtures: one embedded PostgreSQL per test session, a database per
+test cloned from a template that already has the schema."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+
+from makima.database import apply_schema, create_pool, ensure_database
+from makima.embedded import ConnectParams, EmbeddedPostgres
+
+TEMPLATE = "makima_template"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"  # asyncpg needs asyncio
+
+
+def _in_thread(fn: object) -> None:
+    """Run an async setup function on its own event loop, away from the test loop."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            anyio.run(fn)  # type: ignore[arg-type]
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def short_tmp() -> Iterator[Path]:
+    """A short temporary directory (AF_UNIX paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="mk-", dir="/tmp"))
+    path.chmod(0o711)  # as root, the embedded server runs as another account
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server(short_tmp: Path) -> Iterator[ConnectParams]:
+    """The embedded server, started once, with a template database holding the schema."""
+    server = EmbeddedPostgres(short_tmp / "pg")
+    params = server.start()
+
+    async def make_template() -> None:
+        await ensure_database(params)
+        conn = await asyncpg.connect(**params.asyncpg_kwargs(database="postgres"))
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+            await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await conn.close()
+        pool = await create_pool(
+            ConnectParams(params.host, params.port, params.user, params.password, TEMPLATE),
+            min_size=1,
+            max_size=1,
+        )
+        try:
+            await apply_schema(pool)
+        finally:
+            await pool.close()
+
+    try:
+        _in_thread(make_template)
+        yield params
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def fresh_database(pg_server: ConnectParams) -> AsyncIterator[ConnectParams]:
+    """A new, empty database (no schema) dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(**pg_server.asyncpg_kwargs(database="postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    try:
+        yield ConnectParams(
+            pg_server.host, pg_server.port, pg_server.user, pg_server.password, name
+        )
+    finally:
+        admin = await asyncpg.connect(**pg_server.asyncpg_kwargs(database="postgres"))
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def db_params(pg_server: ConnectParams) -> AsyncIterator[ConnectParams]:
+    """A database cloned from the schema template, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(**pg_server.asyncpg_kwargs(database="postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE} STRATEGY FILE_COPY")
+    finally:
+        await admin.close()
+    try:
+        yield ConnectParams(
+            pg_server.host, pg_server.port, pg_server.user, pg_server.password, name
+        )
+    finally:
+        admin = await asyncpg.connect(**pg_server.asyncpg_kwargs(database="postgres"))
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def pool(db_params: ConnectParams) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_pool(db_params, min_size=1, max_size=10)
+    try:
+        yield p
+    finally:
+        await p.close()
