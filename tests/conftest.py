@@ -131,3 +131,27 @@ async def pool(db_params: ConnectParams) -> AsyncIterator[asyncpg.Pool]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+async def relay(short_tmp: Path) -> AsyncIterator[object]:
+    from tests.harness import relay_listener
+
+    async with relay_listener(short_tmp) as r:
+        yield r
+
+
+@pytest.fixture
+async def daemon(db_params: ConnectParams, short_tmp: Path) -> AsyncIterator[object]:
+    from tests.harness import daemon_config, running_daemon
+
+    async with running_daemon(daemon_config(db_params, short_tmp)) as d:
+        yield d
+
+
+@pytest.fixture
+async def client(daemon: object) -> AsyncIterator[object]:
+    from tests.harness import client_for
+
+    async with client_for(daemon) as c:  # type: ignore[arg-type]
+        yield c

@@ -61,3 +61,7 @@ class EmbeddedDatabaseError(MakimaError):
 
 class SchemaVersionError(MakimaError):
     """The database was made by a newer makima than this one."""
+
+
+class InvalidParamsError(MakimaError):
+    """A request's parameters are missing or of the wrong kind."""

@@ -704,7 +704,12 @@ class SupervisorRestorationContext:
             "history": [m.to_json() for m in self.history],
             "pending_questions": [q.to_json() for q in self.state.pending_questions],
             "undelivered_answers": [
-                {"question_id": str(a.question_id), "answer": a.answer}
+                {
+                    "question_id": str(a.question_id),
+                    "question": a.question,
+                    "choices": list(a.choices),
+                    "answer": a.answer,
+                }
                 for a in self.undelivered_answers
             ],
             "tasks": [t.to_json() for t in self.tasks],

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from makima.database import Db, transaction
-from makima.errors import ConflictError, NotFoundError
+from makima.errors import ConflictError, InvalidValueError, NotFoundError
 from makima.model import (
     UNFINISHED_STATES,
     CheckpointRecord,
@@ -335,6 +335,104 @@ async def get_unfinished_supervisor_states(db: Db) -> list[SupervisorState]:
     return [SupervisorState.from_row(r) for r in rows]
 
 
+async def load_unfinished_supervisor_states(
+    db: Db,
+) -> list[tuple[uuid.UUID, SupervisorState | InvalidValueError]]:
+    """Like :func:`get_unfinished_supervisor_states`, but a row that cannot be read
+    comes back as its error instead of failing the whole load. Rows whose state
+    is not a terminal one count as unfinished (an unknown state too)."""
+    rows = await db.fetch(
+        f"SELECT {_STATE} FROM supervisor_states st "
+        "WHERE st.state IS DISTINCT FROM 'completed' AND st.state IS DISTINCT FROM 'failed' "
+        "ORDER BY st.created_at, st.supervisor_id"
+    )
+    out: list[tuple[uuid.UUID, SupervisorState | InvalidValueError]] = []
+    for row in rows:
+        try:
+            out.append((row["supervisor_id"], SupervisorState.from_row(row)))
+        except InvalidValueError as exc:
+            out.append((row["supervisor_id"], exc))
+    return out
+
+
+async def get_supervisor_specs(
+    db: Db, supervisor_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, SupervisorSpec]:
+    rows = await db.fetch(
+        f"SELECT {_SPEC} FROM supervisors sp WHERE sp.supervisor_id = ANY($1::uuid[])",
+        list(supervisor_ids),
+    )
+    return {r["supervisor_id"]: SupervisorSpec.from_row(r) for r in rows}
+
+
+async def get_tasks_for_supervisors(
+    db: Db, supervisor_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[TaskRecord]]:
+    rows = await db.fetch(
+        f"SELECT {_TASK} FROM tasks WHERE supervisor_id = ANY($1::uuid[]) "
+        "ORDER BY created_at, task_id",
+        list(supervisor_ids),
+    )
+    out: dict[uuid.UUID, list[TaskRecord]] = {i: [] for i in supervisor_ids}
+    for r in rows:
+        out.setdefault(r["supervisor_id"], []).append(TaskRecord.from_row(r))
+    return out
+
+
+async def get_questions_for_supervisors(
+    db: Db, supervisor_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[QuestionRecord]]:
+    rows = await db.fetch(
+        f"SELECT {_QUESTION} FROM questions WHERE supervisor_id = ANY($1::uuid[]) "
+        "ORDER BY asked_at, question_id",
+        list(supervisor_ids),
+    )
+    out: dict[uuid.UUID, list[QuestionRecord]] = {i: [] for i in supervisor_ids}
+    for r in rows:
+        out.setdefault(r["supervisor_id"], []).append(QuestionRecord.from_row(r))
+    return out
+
+
+async def get_checkpointed_supervisors(
+    db: Db, supervisor_ids: Sequence[uuid.UUID]
+) -> set[uuid.UUID]:
+    rows = await db.fetch(
+        "SELECT DISTINCT supervisor_id FROM supervisor_checkpoints "
+        "WHERE supervisor_id = ANY($1::uuid[])",
+        list(supervisor_ids),
+    )
+    return {r["supervisor_id"] for r in rows}
+
+
+async def record_question_rows(
+    db: Db, supervisor_id: uuid.UUID, questions: Sequence[PendingQuestion]
+) -> None:
+    """Give pending questions that lack one a row in ``questions`` (repair)."""
+    if not questions:
+        return
+    await db.execute(
+        "INSERT INTO questions (question_id, supervisor_id, question, choices, context, asked_at) "
+        "SELECT q.id, $1, q.question, q.choices, q.context, q.asked_at "
+        "FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::timestamptz[]) "
+        "AS q(id, question, choices, context, asked_at) ON CONFLICT (question_id) DO NOTHING",
+        supervisor_id,
+        [q.id for q in questions],
+        [q.question for q in questions],
+        [list(q.choices) for q in questions],
+        [q.context for q in questions],
+        [q.asked_at for q in questions],
+    )
+
+
+async def mark_answers_delivered(db: Db, question_ids: Sequence[uuid.UUID]) -> int:
+    rows = await db.fetch(
+        "UPDATE questions SET delivered_at = now() WHERE question_id = ANY($1::uuid[]) "
+        "AND answer IS NOT NULL AND delivered_at IS NULL RETURNING 1",
+        list(question_ids),
+    )
+    return len(rows)
+
+
 async def validate_spawned_tasks(db: Db, supervisor_id: uuid.UUID) -> SpawnedTaskConsistency:
     """Compare ``spawned_task_ids`` with the ``tasks`` rows of a supervisor."""
     row = await db.fetchrow(
@@ -389,7 +487,12 @@ async def update_supervisors_heartbeat_bulk(
     db: Db,
     beats: Sequence[tuple[uuid.UUID, SupervisorStateEnum, str | None, int]],
 ) -> int:
-    """Heartbeat many supervisors in one statement. Returns how many rows were touched."""
+    """Heartbeat many supervisors in one statement. Returns how many rows were touched.
+
+    A beat carries the state the daemon holds in memory; a row whose state
+    differs (a save point committed since the beat was taken) is left alone,
+    so a heartbeat never undoes a save point.
+    """
     if not beats:
         return 0
     rows = await db.fetch(
@@ -397,7 +500,7 @@ async def update_supervisors_heartbeat_bulk(
         "current_activity = b.activity, progress = b.progress, updated_at = now() "
         "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[]) "
         "AS b(supervisor_id, state, activity, progress) "
-        "WHERE st.supervisor_id = b.supervisor_id RETURNING 1",
+        "WHERE st.supervisor_id = b.supervisor_id AND st.state = b.state RETURNING 1",
         [b[0] for b in beats],
         [b[1].value for b in beats],
         [b[2] for b in beats],
@@ -546,6 +649,45 @@ async def save_supervisor_checkpoint(
     return int(value)
 
 
+async def record_phase_change(db: Db, snapshot: SupervisorState) -> int:
+    """Save point on a phase change: phase, state, activity and progress, plus a
+    checkpoint row holding the whole state, in one transaction. Returns the version."""
+    async with transaction(db) as conn:
+        version = await conn.fetchval(
+            "UPDATE supervisor_states SET phase = $2, state = $3, current_activity = $4, "
+            f"progress = $5, {_BUMP} WHERE supervisor_id = $1 RETURNING version",
+            snapshot.supervisor_id,
+            snapshot.phase,
+            snapshot.state.value,
+            snapshot.current_activity,
+            snapshot.progress,
+        )
+        if version is None:
+            raise NotFoundError(f"no supervisor {snapshot.supervisor_id}")
+        await save_supervisor_checkpoint(conn, snapshot.supervisor_id, snapshot, "phase_change")
+    return int(version)
+
+
+async def record_agent_checkpoint(db: Db, snapshot: SupervisorState) -> int:
+    """Save point on the agent's ``checkpoint``: its data in the state row and a
+    checkpoint row holding the whole state, in one transaction. Returns the version."""
+    async with transaction(db) as conn:
+        version = await conn.fetchval(
+            "UPDATE supervisor_states SET checkpoint_data = $2, state = $3, "
+            f"current_activity = $4, progress = $5, {_BUMP} "
+            "WHERE supervisor_id = $1 RETURNING version",
+            snapshot.supervisor_id,
+            snapshot.checkpoint_data,
+            snapshot.state.value,
+            snapshot.current_activity,
+            snapshot.progress,
+        )
+        if version is None:
+            raise NotFoundError(f"no supervisor {snapshot.supervisor_id}")
+        await save_supervisor_checkpoint(conn, snapshot.supervisor_id, snapshot, "explicit")
+    return int(version)
+
+
 async def get_latest_supervisor_checkpoint(
     db: Db, supervisor_id: uuid.UUID
 ) -> CheckpointRecord | None:
@@ -601,9 +743,15 @@ async def record_question_asked(
 
 
 async def answer_question(
-    db: Db, question_id: uuid.UUID, answer: str, answered_by_uid: int | None
+    db: Db,
+    question_id: uuid.UUID,
+    answer: str,
+    answered_by_uid: int | None,
+    *,
+    state: SupervisorStateEnum | None = None,
 ) -> QuestionRecord:
-    """Record the one answer to a question and drop it from ``pending_questions``.
+    """Record the one answer to a question and drop it from ``pending_questions``;
+    with ``state``, also move the supervisor to that state.
 
     One transaction. Raises NotFoundError for an unknown question,
     ConflictError (with the existing answer in ``data``) when it was answered
@@ -636,6 +784,12 @@ async def answer_question(
             answered_by_uid,
         )
         await conn.fetchval(_REMOVE_QUESTION, existing.supervisor_id, str(question_id))
+        if state is not None:
+            await conn.execute(
+                f"UPDATE supervisor_states SET state = $2, {_BUMP} WHERE supervisor_id = $1",
+                existing.supervisor_id,
+                state.value,
+            )
     assert row is not None
     return QuestionRecord.from_row(row)
 

@@ -235,10 +235,15 @@ async def test_heartbeats(pool: asyncpg.Pool) -> None:
     assert state is not None and state.last_heartbeat is not None
     assert state.version == 0  # heartbeats are light: no version bump
     assert not await repo.update_supervisor_heartbeat_state(pool, uuid.uuid4(), S.WORKING, None, 0)
+    await repo.update_supervisor_detailed_state(pool, b, S.WAITING_FOR_USER, None, 0)
     n = await repo.update_supervisors_heartbeat_bulk(
         pool, [(a, S.WORKING, "x", 20), (b, S.WAITING_FOR_USER, None, 5)]
     )
     assert n == 2
+    state_b = await repo.get_supervisor_state_for_restoration(pool, b)
+    assert state_b is not None and state_b.state is S.WAITING_FOR_USER and state_b.progress == 5
+    # a beat taken before a save point changed the state never undoes it
+    assert await repo.update_supervisors_heartbeat_bulk(pool, [(b, S.WORKING, "stale", 1)]) == 0
     state_b = await repo.get_supervisor_state_for_restoration(pool, b)
     assert state_b is not None and state_b.state is S.WAITING_FOR_USER and state_b.progress == 5
     assert await repo.update_supervisors_heartbeat_bulk(pool, []) == 0

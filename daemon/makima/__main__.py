@@ -1,0 +1,5 @@
+"""python -m makima: the makima command."""
+
+from makima.cli import main
+
+main()

@@ -1,0 +1,416 @@
+"""makima-agent/1, the daemon's side: parsing agent lines, encoding daemon
+messages (pure), and the agent child process (I/O).
+
+One JSON object per line, UTF-8, at most 1 MiB a line. Every message has a
+``type``; a message may carry ``ref``, which the daemon echoes in its
+``ack`` (once the effect is durable) or ``error`` reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from makima.errors import InvalidValueError, MakimaError
+from makima.lines import MAX_LINE, LineBuffer, TooLong
+from makima.model import (
+    parse_env,
+    parse_optional_text,
+    parse_progress,
+    parse_string_list,
+    parse_text,
+)
+
+log = structlog.get_logger("makima.agent")
+
+PROTOCOL_VERSION = 1
+
+
+class AgentMessageType(enum.StrEnum):
+    ACTIVITY = "activity"
+    PHASE = "phase"
+    MESSAGE = "message"
+    CHECKPOINT = "checkpoint"
+    ASK = "ask"
+    SPAWN = "spawn"
+    WAIT_TASKS = "wait_tasks"
+    BLOCKED = "blocked"
+    DONE = "done"
+    FAIL = "fail"
+
+
+class ErrorCode(enum.StrEnum):
+    """``code`` of an ``error`` reply to the agent."""
+
+    MALFORMED = "malformed"  # not JSON, not an object, not UTF-8
+    TOO_LONG = "too_long"  # over 1 MiB
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID = "invalid"  # a field is missing or of the wrong kind
+    ILLEGAL_STATE = "illegal_state"  # not allowed in the supervisor's state
+    INTERNAL = "internal"
+
+
+# --------------------------------------------------------------------------- agent → daemon
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    text: str
+    progress: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    phase: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    question: str
+    choices: tuple[str, ...] = ()
+    context: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    name: str
+    command: tuple[str, ...]
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitTasks:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    error: str
+
+
+AgentMessage = (
+    Activity | Phase | Message | Checkpoint | Ask | Spawn | WaitTasks | Blocked | Done | Fail
+)
+Ref = str | int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One parsed agent line."""
+
+    message: AgentMessage
+    ref: Ref = None
+
+
+class AgentProtocolError(MakimaError):
+    """An agent line that cannot be applied; answered with an ``error`` reply."""
+
+    def __init__(self, code: ErrorCode, message: str, ref: Ref = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.ref = ref
+
+
+def _parse_body(kind: AgentMessageType, obj: Mapping[str, Any]) -> AgentMessage:
+    def need(key: str) -> Any:
+        if key not in obj:
+            raise InvalidValueError(f"{kind.value!r} needs {key!r}")
+        return obj[key]
+
+    match kind:
+        case AgentMessageType.ACTIVITY:
+            progress = obj.get("progress")
+            return Activity(
+                text=parse_text(need("text"), "text"),
+                progress=None if progress is None else parse_progress(progress),
+            )
+        case AgentMessageType.PHASE:
+            return Phase(parse_text(need("phase"), "phase", allow_empty=False))
+        case AgentMessageType.MESSAGE:
+            return Message(
+                role=parse_text(need("role"), "role", allow_empty=False), content=need("content")
+            )
+        case AgentMessageType.CHECKPOINT:
+            return Checkpoint(data=need("data"))
+        case AgentMessageType.ASK:
+            choices = obj.get("choices")
+            parsed_choices = () if choices is None else parse_string_list(choices, "choices")
+            if len(set(parsed_choices)) != len(parsed_choices):
+                raise InvalidValueError(f"choices must be distinct; got {list(parsed_choices)!r}")
+            return Ask(
+                question=parse_text(need("question"), "question", allow_empty=False),
+                choices=parsed_choices,
+                context=parse_optional_text(obj.get("context"), "context"),
+            )
+        case AgentMessageType.SPAWN:
+            return Spawn(
+                name=parse_text(need("name"), "name", allow_empty=False),
+                command=parse_string_list(need("command"), "command", allow_empty=False),
+                cwd=parse_optional_text(obj.get("cwd"), "cwd"),
+                env=parse_env(obj.get("env")),
+            )
+        case AgentMessageType.WAIT_TASKS:
+            return WaitTasks()
+        case AgentMessageType.BLOCKED:
+            return Blocked(reason=parse_text(need("reason"), "reason", allow_empty=False))
+        case AgentMessageType.DONE:
+            return Done(result=obj.get("result"))
+        case AgentMessageType.FAIL:
+            return Fail(error=parse_text(need("error"), "error", allow_empty=False))
+
+
+def parse_agent_line(line: bytes) -> Envelope:
+    """Parse one line from an agent, or raise AgentProtocolError (with ``ref`` if readable)."""
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise AgentProtocolError(ErrorCode.MALFORMED, "line is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise AgentProtocolError(ErrorCode.MALFORMED, f"line is not JSON: {exc.msg}") from None
+    if not isinstance(obj, dict):
+        raise AgentProtocolError(
+            ErrorCode.MALFORMED, f"a message must be a JSON object; got {type(obj).__name__}"
+        )
+    ref = obj.get("ref")
+    if ref is not None and (isinstance(ref, bool) or not isinstance(ref, str | int)):
+        raise AgentProtocolError(
+            ErrorCode.INVALID, f"ref must be a string or an integer; got {ref!r}"
+        )
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise AgentProtocolError(ErrorCode.INVALID, "a message needs a string 'type'", ref)
+    try:
+        message_type = AgentMessageType(kind)
+    except ValueError:
+        known = ", ".join(t.value for t in AgentMessageType)
+        raise AgentProtocolError(
+            ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected one of {known}", ref
+        ) from None
+    try:
+        return Envelope(_parse_body(message_type, obj), ref)
+    except InvalidValueError as exc:
+        raise AgentProtocolError(ErrorCode.INVALID, str(exc), ref) from None
+
+
+# --------------------------------------------------------------------------- daemon → agent
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    return (json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def ack(ref: Ref, **results: Any) -> dict[str, Any]:
+    return {"type": "ack", "ref": ref, **results}
+
+
+def error_reply(ref: Ref, code: ErrorCode, message: str) -> dict[str, Any]:
+    return {"type": "error", "ref": ref, "code": code.value, "message": message}
+
+
+def start_message(
+    supervisor_id: str, name: str, goal: str, restoration: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    return {
+        "type": "start",
+        "protocol": PROTOCOL_VERSION,
+        "supervisor_id": supervisor_id,
+        "name": name,
+        "goal": goal,
+        "restoration": restoration,
+    }
+
+
+def answer_message(question_id: str, answer: str) -> dict[str, Any]:
+    return {"type": "answer", "question_id": question_id, "answer": answer}
+
+
+def task_finished_message(
+    task_id: str, status: str, exit_code: int | None, output_tail: str | None
+) -> dict[str, Any]:
+    return {
+        "type": "task_finished",
+        "task_id": task_id,
+        "status": status,
+        "exit_code": exit_code,
+        "output_tail": output_tail,
+    }
+
+
+def tasks_done_message() -> dict[str, Any]:
+    return {"type": "tasks_done"}
+
+
+def cancel_message(reason: str) -> dict[str, Any]:
+    return {"type": "cancel", "reason": reason}
+
+
+# --------------------------------------------------------------------------- the process
+
+
+class AgentProcess:
+    """An agent child process in its own process group, speaking over stdio."""
+
+    def __init__(self, process: anyio.abc.Process, supervisor_id: str) -> None:
+        self.process = process
+        self.supervisor_id = supervisor_id
+        self._send_lock = anyio.Lock()
+        self._stdin_closed = False
+
+    @classmethod
+    async def start(
+        cls,
+        command: Sequence[str],
+        *,
+        supervisor_id: str,
+        cwd: str | None,
+        env: Mapping[str, str],
+    ) -> AgentProcess:
+        full_env = dict(os.environ)
+        full_env.update(env)
+        full_env["MAKIMA_SUPERVISOR_ID"] = supervisor_id
+        full_env["MAKIMA_PROTOCOL"] = str(PROTOCOL_VERSION)
+        for inherited in (
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "MAKIMA_FAULT",
+        ):
+            full_env.pop(inherited, None)
+        process = await anyio.open_process(
+            list(command),
+            stdin=-1,
+            stdout=-1,
+            stderr=-1,
+            cwd=cwd,
+            env=full_env,
+            start_new_session=True,
+        )
+        log.info(
+            "agent.started", supervisor_id=supervisor_id, pid=process.pid, command=list(command)
+        )
+        return cls(process, supervisor_id)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def send(self, message: Mapping[str, Any]) -> bool:
+        """Write one line; False if the agent's stdin is gone."""
+        stdin = self.process.stdin
+        if stdin is None or self._stdin_closed:
+            return False
+        async with self._send_lock:
+            try:
+                await stdin.send(encode(message))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                self._stdin_closed = True
+                return False
+        return True
+
+    async def lines(self) -> AsyncIterator[Envelope | AgentProtocolError]:
+        """Parsed lines from the agent's stdout until it closes."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        buffer = LineBuffer(MAX_LINE)
+        while True:
+            try:
+                data = await stdout.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+            for item in buffer.feed(data):
+                if isinstance(item, TooLong):
+                    yield AgentProtocolError(
+                        ErrorCode.TOO_LONG, f"line longer than {item.limit} bytes; dropped"
+                    )
+                    continue
+                if not item.strip():
+                    continue
+                try:
+                    yield parse_agent_line(item)
+                except AgentProtocolError as exc:
+                    yield exc
+
+    async def pump_stderr(self) -> None:
+        """Log what the agent writes on stderr, line by line."""
+        stderr = self.process.stderr
+        if stderr is None:
+            return
+        buffer = LineBuffer(64 * 1024)
+        while True:
+            try:
+                data = await stderr.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+            for item in buffer.feed(data):
+                if isinstance(item, bytes) and item.strip():
+                    log.info(
+                        "agent.stderr",
+                        supervisor_id=self.supervisor_id,
+                        line=item.decode("utf-8", errors="replace"),
+                    )
+
+    async def close_stdin(self) -> None:
+        self._stdin_closed = True
+        if self.process.stdin is not None:
+            with contextlib.suppress(Exception):
+                await self.process.stdin.aclose()
+
+    def signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signum)
+
+    async def stop(self, grace: float) -> int | None:
+        """Close stdin, wait ``grace``; then SIGTERM, then SIGKILL the process group."""
+        with anyio.CancelScope(shield=True):
+            await self.close_stdin()
+            with anyio.move_on_after(grace):
+                return await self.process.wait()
+            self.signal_group(signal.SIGTERM)
+            with anyio.move_on_after(grace):
+                return await self.process.wait()
+            self.signal_group(signal.SIGKILL)
+            return await self.process.wait()
+        return self.process.returncode  # only if the shielded scope was somehow left early
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            self.signal_group(signal.SIGKILL)
+            await self.process.aclose()

@@ -1,0 +1,339 @@
+"""What each makima-control/1 method does (DESIGN §9).
+
+Parameters are checked here and refused with a clear InvalidParamsError;
+calls that need the database fail fast with DatabaseUnavailableError while it
+is away (the server maps both to JSON-RPC errors).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from makima import __version__
+from makima import repository as repo
+from makima.control.server import MethodNotFoundError, Peer, Reply, Stream
+from makima.database import Pool
+from makima.errors import ConflictError, InvalidParamsError, InvalidValueError, NotFoundError
+from makima.events import EventKind
+from makima.model import (
+    QuestionRecord,
+    SupervisorSpec,
+    SupervisorState,
+    SupervisorStateEnum,
+    parse_env,
+    parse_string_list,
+)
+from makima.supervisor import StopReason, question_event_fields
+
+if TYPE_CHECKING:
+    from makima.daemon import Daemon
+
+PROTOCOL = "makima-control/1"
+
+Handler = Callable[[Peer, dict[str, Any]], Awaitable[Reply | Stream]]
+
+
+# --------------------------------------------------------------------------- params
+
+
+def _require(params: dict[str, Any], key: str) -> Any:
+    if key not in params:
+        raise InvalidParamsError(f"missing parameter {key!r}")
+    return params[key]
+
+
+def _uuid(params: dict[str, Any], key: str) -> uuid.UUID:
+    value = _require(params, key)
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise InvalidParamsError(f"parameter {key!r} must be a UUID string; got {value!r}")
+
+
+def _optional_str(params: dict[str, Any], key: str) -> str | None:
+    value = params.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidParamsError(f"parameter {key!r} must be a string; got {value!r}")
+
+
+def _optional_bool(params: dict[str, Any], key: str) -> bool:
+    value = params.get(key, False)
+    if isinstance(value, bool):
+        return value
+    raise InvalidParamsError(f"parameter {key!r} must be true or false; got {value!r}")
+
+
+def _optional_limit(params: dict[str, Any], key: str) -> int | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidParamsError(f"parameter {key!r} must be a positive integer; got {value!r}")
+    return value
+
+
+def _only(params: dict[str, Any], allowed: set[str]) -> None:
+    unknown = set(params) - allowed
+    if unknown:
+        expected = ", ".join(sorted(allowed)) or "none"
+        raise InvalidParamsError(
+            f"unknown parameter(s) {', '.join(sorted(unknown))}; expected {expected}"
+        )
+
+
+# --------------------------------------------------------------------------- views
+
+
+def supervisor_summary(spec: SupervisorSpec, state: SupervisorState) -> dict[str, Any]:
+    return {
+        "supervisor_id": str(spec.supervisor_id),
+        "name": spec.name,
+        "state": state.state.value,
+        "phase": state.phase,
+        "progress": state.progress,
+        "current_activity": state.current_activity,
+        "pending_questions": len(state.pending_questions),
+        "restoration_count": state.restoration_count,
+        "last_heartbeat": None
+        if state.last_heartbeat is None
+        else state.last_heartbeat.isoformat(),
+        "error_message": state.error_message,
+        "created_at": None if spec.created_at is None else spec.created_at.isoformat(),
+    }
+
+
+def question_view(record: QuestionRecord) -> dict[str, Any]:
+    return {
+        **question_event_fields(record, record.supervisor_id),
+        "redelivery_count": record.redelivery_count,
+    }
+
+
+class ControlApi:
+    """Dispatches makima-control/1 methods to the daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._methods: dict[str, Handler] = {
+            "daemon.hello": self.hello,
+            "daemon.status": self.status,
+            "supervisor.create": self.create,
+            "supervisor.list": self.list_supervisors,
+            "supervisor.get": self.get,
+            "supervisor.resume": self.resume,
+            "supervisor.cancel": self.cancel,
+            "supervisor.history": self.history,
+            "question.list": self.list_questions,
+            "question.answer": self.answer,
+            "events.subscribe": self.subscribe,
+        }
+
+    async def __call__(self, peer: Peer, method: str, params: dict[str, Any]) -> Reply | Stream:
+        handler = self._methods.get(method)
+        if handler is None:
+            raise MethodNotFoundError(
+                f"unknown method {method!r}; expected one of {', '.join(sorted(self._methods))}"
+            )
+        return await handler(peer, params)
+
+    async def _query(self, operation: Callable[[Pool], Awaitable[Any]]) -> Any:
+        return await self.daemon.db.query(operation)
+
+    # ----------------------------------------------------------------- daemon
+
+    async def hello(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        return Reply(
+            {"protocol": PROTOCOL, "version": __version__, "daemon_id": str(self.daemon.daemon_id)}
+        )
+
+    async def status(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        counts = await self._query(repo.count_supervisors_by_state)
+        open_questions = await self._query(repo.list_open_questions)
+        d = self.daemon
+        return Reply(
+            {
+                "daemon_id": str(d.daemon_id),
+                "pid": os.getpid(),
+                "version": __version__,
+                "started_at": d.started_at.isoformat(),
+                "socket": str(d.config.socket_path),
+                "state_dir": str(d.config.state_dir),
+                "database": {"embedded": d.db.is_embedded},
+                "supervisors": {s.value: counts.get(s, 0) for s in SupervisorStateEnum},
+                "running_agents": sum(1 for s in d.supervisors.values() if s.agent is not None),
+                "pending_questions": len(open_questions),
+                "last_startup_report": d.startup_report,
+            }
+        )
+
+    # ----------------------------------------------------------------- supervisors
+
+    async def create(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        _only(params, {"name", "command", "goal", "cwd", "env"})
+        try:
+            spec = SupervisorSpec.new(
+                _require(params, "name"),
+                parse_string_list(_require(params, "command"), "command", allow_empty=False),
+                goal=_optional_str(params, "goal") or "",
+                cwd=_optional_str(params, "cwd"),
+                env=parse_env(params.get("env")),
+            )
+        except InvalidValueError as exc:
+            raise InvalidParamsError(str(exc)) from None
+        supervisor = await self.daemon.create_supervisor(spec)
+        return Reply({"supervisor_id": str(supervisor.id)})
+
+    async def list_supervisors(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        _only(params, {"all"})
+        include_all = _optional_bool(params, "all")
+        rows = await self._query(
+            lambda pool: repo.list_supervisors(pool, include_finished=include_all)
+        )
+        return Reply({"supervisors": [supervisor_summary(spec, state) for spec, state in rows]})
+
+    async def _found(
+        self, supervisor_id: uuid.UUID
+    ) -> tuple[SupervisorSpec, SupervisorState | None]:
+        found = await self._query(lambda pool: repo.get_supervisor(pool, supervisor_id))
+        if found is None:
+            raise NotFoundError(f"no supervisor {supervisor_id}")
+        spec, state = found
+        return spec, state
+
+    async def get(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        _only(params, {"supervisor_id"})
+        supervisor_id = _uuid(params, "supervisor_id")
+        spec, state = await self._found(supervisor_id)
+        tasks = await self._query(lambda pool: repo.get_tasks_for_supervisor(pool, supervisor_id))
+        body: dict[str, Any] = (
+            state.to_json()
+            if state is not None
+            else {
+                "supervisor_id": str(supervisor_id),
+                "state": None,
+            }
+        )
+        body.update(
+            name=spec.name,
+            goal=spec.goal,
+            command=list(spec.agent_command),
+            cwd=spec.cwd,
+            created_at=None if spec.created_at is None else spec.created_at.isoformat(),
+            tasks=[t.to_json() for t in tasks],
+            agent_running=(
+                supervisor_id in self.daemon.supervisors
+                and self.daemon.supervisors[supervisor_id].agent is not None
+            ),
+        )
+        return Reply(body)
+
+    async def resume(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        _only(params, {"supervisor_id"})
+        supervisor_id = _uuid(params, "supervisor_id")
+        await self._found(supervisor_id)
+        info = await self.daemon.resume_supervisor(supervisor_id)
+        return Reply(info.to_json())
+
+    async def cancel(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        _only(params, {"supervisor_id"})
+        supervisor_id = _uuid(params, "supervisor_id")
+        _, state = await self._found(supervisor_id)
+        supervisor = self.daemon.supervisors.get(supervisor_id)
+        if supervisor is None or supervisor.state.state.is_terminal:
+            latest = supervisor.state if supervisor is not None else state
+            current = latest.state.value if latest is not None else "unknown"
+            raise ConflictError(
+                f"supervisor {supervisor_id} is {current}; only unfinished supervisors can be "
+                "cancelled",
+                {"state": current},
+            )
+        await supervisor.stop(StopReason.CANCEL, f"cancelled by uid {peer.uid}")
+        return Reply({"supervisor_id": str(supervisor_id), "state": supervisor.state.state.value})
+
+    async def history(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        _only(params, {"supervisor_id", "limit"})
+        supervisor_id = _uuid(params, "supervisor_id")
+        limit = _optional_limit(params, "limit")
+        await self._found(supervisor_id)
+        messages = await self._query(
+            lambda pool: repo.get_supervisor_messages(pool, supervisor_id, limit)
+        )
+        return Reply(
+            {"supervisor_id": str(supervisor_id), "messages": [m.to_json() for m in messages]}
+        )
+
+    # ----------------------------------------------------------------- questions
+
+    async def list_questions(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        _only(params, {"supervisor_id"})
+        supervisor_id = _uuid(params, "supervisor_id") if "supervisor_id" in params else None
+        records = await self._query(lambda pool: repo.list_open_questions(pool, supervisor_id))
+        return Reply({"questions": [question_view(r) for r in records]})
+
+    async def answer(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        _only(params, {"question_id", "answer"})
+        question_id = _uuid(params, "question_id")
+        text = _require(params, "answer")
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidParamsError(f"parameter 'answer' must be a non-empty string; got {text!r}")
+        record, deliver = await self.daemon.answer_question(question_id, text, peer.uid)
+        return Reply(
+            {
+                "question_id": str(record.question_id),
+                "supervisor_id": str(record.supervisor_id),
+                "answer": record.answer,
+                "answered_at": None
+                if record.answered_at is None
+                else record.answered_at.isoformat(),
+            },
+            after=deliver,
+        )
+
+    # ----------------------------------------------------------------- events
+
+    async def subscribe(self, peer: Peer, params: dict[str, Any]) -> Stream:
+        _only(params, {"kinds"})
+        kinds_param = params.get("kinds")
+        known = {k.value for k in EventKind}
+        kinds: set[str] | None = None
+        if kinds_param is not None:
+            try:
+                kinds = set(parse_string_list(kinds_param, "kinds"))
+            except InvalidValueError as exc:
+                raise InvalidParamsError(str(exc)) from None
+            unknown = kinds - known
+            if unknown:
+                raise InvalidParamsError(
+                    f"unknown event kind(s) {', '.join(sorted(unknown))}; "
+                    f"expected some of {', '.join(sorted(known))}"
+                )
+        # Subscribe first, then read the snapshot: nothing falls between the two
+        # (a question may then appear twice; clients key on question_id).
+        subscription = self.daemon.bus.subscribe(kinds)
+        try:
+            snapshot: list[QuestionRecord] = []
+            if kinds is None or EventKind.QUESTION_PENDING.value in kinds:
+                snapshot = await self._query(repo.list_open_questions)
+        except BaseException:
+            subscription.close()
+            raise
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            try:
+                for record in snapshot:
+                    yield {"kind": EventKind.QUESTION_PENDING.value, **question_view(record)}
+                async for event in subscription:
+                    yield event
+            finally:
+                subscription.close()
+
+        return Stream(
+            {"subscribed": True, "kinds": sorted(kinds) if kinds is not None else None},
+            events(),
+        )

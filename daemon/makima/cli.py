@@ -1,0 +1,500 @@
+"""The ``makima`` command.
+
+Data goes to stdout, messages to stderr. Exit codes: 0 ok, 1 failure,
+2 usage, 3 (``status`` only) no daemon answers. Tables on a terminal,
+``--json`` on every read command, NDJSON from ``watch``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import anyio
+import click
+from rich.console import Console
+from rich.table import Table
+
+from makima import __version__
+from makima.config import DaemonConfig, client_socket_path
+from makima.control.client import ControlClient, DaemonNotRunningError, RemoteError
+from makima.errors import MakimaError
+from makima.prompt import prompt_answer
+
+T = TypeVar("T")
+
+EXIT_FAILURE = 1
+EXIT_NO_DAEMON = 3
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+socket_option = click.option(
+    "--socket",
+    "socket_path",
+    envvar="MAKIMA_SOCKET",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Control socket of the daemon (env MAKIMA_SOCKET).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    err.print(f"makima: {message}", markup=False, highlight=False)
+    sys.exit(code)
+
+
+def resolve_socket(socket_path: Path | None) -> Path:
+    if socket_path is not None:
+        return socket_path
+    return client_socket_path(os.environ, is_root=os.geteuid() == 0)
+
+
+def run_client(
+    socket_path: Path | None,
+    action: Callable[[ControlClient], Awaitable[T]],
+    *,
+    no_daemon_code: int = EXIT_FAILURE,
+    timeout: float = 30.0,
+) -> T:
+    path = resolve_socket(socket_path)
+
+    async def main() -> T:
+        async with ControlClient.connect(path, timeout=timeout) as client:
+            return await action(client)
+
+    try:
+        return anyio.run(main)
+    except DaemonNotRunningError as exc:
+        fail(str(exc), no_daemon_code)
+    except RemoteError as exc:
+        fail(exc.message if hasattr(exc, "message") else str(exc))
+    except MakimaError as exc:
+        fail(str(exc))
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+async def resolve_id(client: ControlClient, text: str, kind: str) -> str:
+    """A full UUID, or a unique prefix of a supervisor or question id."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        pass
+    if kind == "supervisor":
+        rows = (await client.call("supervisor.list", {"all": True}))["supervisors"]
+        ids = [r["supervisor_id"] for r in rows]
+    else:
+        rows = (await client.call("question.list"))["questions"]
+        ids = [r["question_id"] for r in rows]
+    matches = [str(i) for i in ids if str(i).startswith(text.lower())]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise MakimaError(f"no {kind} id starts with {text!r}")
+    raise MakimaError(f"{text!r} matches {len(matches)} {kind}s; give more characters")
+
+
+def short(value: str | None) -> str:
+    return (value or "")[:8]
+
+
+# --------------------------------------------------------------------------- group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="makima")
+def main() -> None:
+    """makima: a durable supervisor daemon for AI agents."""
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+@main.command()
+@click.option(
+    "--state-dir",
+    envvar="MAKIMA_STATE_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where makima keeps its data (env MAKIMA_STATE_DIR).",
+)
+@click.option(
+    "--database-url",
+    envvar="MAKIMA_DATABASE_URL",
+    help="PostgreSQL URL (env MAKIMA_DATABASE_URL); none runs the embedded database.",
+)
+@socket_option
+@click.option("--heartbeat-interval", type=float, default=5.0, show_default=True)
+@click.option(
+    "--task-restart-policy",
+    type=click.Choice(["interrupt", "rerun"]),
+    default="interrupt",
+    show_default=True,
+    help="What happens to tasks that were running when the daemon or an agent stopped.",
+)
+@click.option("--agent-restart-limit", type=int, default=5, show_default=True)
+@click.option("--agent-restart-window", type=float, default=300.0, show_default=True)
+def daemon(
+    state_dir: Path | None,
+    database_url: str | None,
+    socket_path: Path | None,
+    heartbeat_interval: float,
+    task_restart_policy: str,
+    agent_restart_limit: int,
+    agent_restart_window: float,
+) -> None:
+    """Run the daemon in the foreground (what systemd runs)."""
+    from makima import logs
+    from makima.daemon import Daemon
+    from makima.faults import FaultHook
+    from makima.systemd import Notifier, listen_fds
+
+    logs.configure()
+    try:
+        config = DaemonConfig.resolve(
+            state_dir=state_dir,
+            socket=socket_path,
+            database_url=database_url,
+            heartbeat_interval=heartbeat_interval,
+            task_restart_policy=task_restart_policy,
+            agent_restart_limit=agent_restart_limit,
+            agent_restart_window=agent_restart_window,
+        )
+        sockets = listen_fds()
+        the_daemon = Daemon(
+            config,
+            notifier=Notifier(),
+            listen_socket=sockets[0] if sockets else None,
+            faults=FaultHook.from_env(),
+        )
+        anyio.run(the_daemon.run)
+    except MakimaError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+# --------------------------------------------------------------------------- supervisors
+
+
+def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--env")
+        env[key] = value
+    return env
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--goal", default="", help="What the agent should achieve.")
+@click.option("--cwd", type=click.Path(file_okay=False), help="Working directory of the agent.")
+@click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Extra environment.")
+@socket_option
+def start(
+    name: str,
+    command: tuple[str, ...],
+    goal: str,
+    cwd: str | None,
+    env_pairs: tuple[str, ...],
+    socket_path: Path | None,
+) -> None:
+    """Start a supervisor running COMMAND:  makima start NAME -- CMD ARGS..."""
+    env = _parse_env(env_pairs)
+    params: dict[str, Any] = {"name": name, "command": list(command), "goal": goal, "env": env}
+    if cwd is not None:
+        params["cwd"] = os.path.abspath(cwd)
+    result = run_client(socket_path, lambda c: c.call("supervisor.create", params))
+    click.echo(result["supervisor_id"])
+
+
+@main.command(name="ls")
+@click.option("--all", "show_all", is_flag=True, help="Include completed and failed supervisors.")
+@json_option
+@socket_option
+def list_command(show_all: bool, as_json: bool, socket_path: Path | None) -> None:
+    """List supervisors."""
+    result = run_client(socket_path, lambda c: c.call("supervisor.list", {"all": show_all}))
+    rows = result["supervisors"]
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        err.print("no supervisors" + ("" if show_all else " (unfinished; --all for every one)"))
+        return
+    table = Table("id", "name", "state", "phase", "progress", "questions", "restored", "activity")
+    for r in rows:
+        table.add_row(
+            short(r["supervisor_id"]),
+            r["name"],
+            r["state"],
+            r["phase"] or "",
+            f"{r['progress']}%",
+            str(r["pending_questions"]),
+            str(r["restoration_count"]),
+            r["current_activity"] or r.get("error_message") or "",
+        )
+    out.print(table)
+
+
+@main.command()
+@click.argument("supervisor")
+@json_option
+@socket_option
+def show(supervisor: str, as_json: bool, socket_path: Path | None) -> None:
+    """Show one supervisor (id or unique id prefix)."""
+
+    async def action(client: ControlClient) -> Any:
+        sid = await resolve_id(client, supervisor, "supervisor")
+        return await client.call("supervisor.get", {"supervisor_id": sid})
+
+    body = run_client(socket_path, action)
+    if as_json:
+        print_json(body)
+        return
+    table = Table.grid(padding=(0, 2))
+    for key in (
+        "supervisor_id",
+        "name",
+        "goal",
+        "state",
+        "phase",
+        "progress",
+        "current_activity",
+        "error_message",
+        "restoration_count",
+        "restoration_source",
+        "last_restored_at",
+        "last_heartbeat",
+        "created_at",
+    ):
+        value = body.get(key)
+        table.add_row(key, "" if value is None else str(value))
+    out.print(table)
+    if body.get("pending_questions"):
+        out.print("\nopen questions:")
+        for q in body["pending_questions"]:
+            choices = f"  [{' / '.join(q['choices'])}]" if q["choices"] else ""
+            out.print(f"  {short(q['id'])}  {q['question']}{choices}", markup=False)
+    if body.get("tasks"):
+        tasks = Table("task", "name", "status", "exit", "attempts")
+        for t in body["tasks"]:
+            code = "" if t["exit_code"] is None else str(t["exit_code"])
+            tasks.add_row(short(t["task_id"]), t["name"], t["status"], code, str(t["attempts"]))
+        out.print(tasks)
+
+
+@main.command()
+@click.argument("supervisor")
+@json_option
+@socket_option
+def resume(supervisor: str, as_json: bool, socket_path: Path | None) -> None:
+    """Restore a supervisor now and restart its agent with the restoration context."""
+
+    async def action(client: ControlClient) -> Any:
+        sid = await resolve_id(client, supervisor, "supervisor")
+        return await client.call("supervisor.resume", {"supervisor_id": sid})
+
+    info = run_client(socket_path, action, timeout=120.0)
+    if as_json:
+        print_json(info)
+        return
+    validation = info["validation"]
+    verdict = (
+        "valid"
+        if validation["valid"]
+        else f"{validation['action']}: " + "; ".join(validation["issues"])
+    )
+    out.print(
+        f"resumed {info['supervisor_id']} (restoration {info['restoration_count']}, {verdict})"
+    )
+    if info["redelivered_question_ids"]:
+        out.print(f"re-delivered {len(info['redelivered_question_ids'])} open question(s)")
+    out.print(info["context_message"], markup=False, highlight=False)
+
+
+@main.command()
+@click.argument("supervisor")
+@socket_option
+def cancel(supervisor: str, socket_path: Path | None) -> None:
+    """Cancel a supervisor: its agent and tasks are stopped, its state becomes failed."""
+
+    async def action(client: ControlClient) -> Any:
+        sid = await resolve_id(client, supervisor, "supervisor")
+        return await client.call("supervisor.cancel", {"supervisor_id": sid})
+
+    result = run_client(socket_path, action)
+    err.print(f"cancelled {result['supervisor_id']}: {result['state']}")
+
+
+@main.command()
+@click.argument("supervisor")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the last N messages.")
+@json_option
+@socket_option
+def history(supervisor: str, limit: int | None, as_json: bool, socket_path: Path | None) -> None:
+    """Show a supervisor's conversation history."""
+
+    async def action(client: ControlClient) -> Any:
+        sid = await resolve_id(client, supervisor, "supervisor")
+        params: dict[str, Any] = {"supervisor_id": sid}
+        if limit is not None:
+            params["limit"] = limit
+        return await client.call("supervisor.history", params)
+
+    result = run_client(socket_path, action)
+    if as_json:
+        print_json(result["messages"])
+        return
+    if not result["messages"]:
+        err.print("no messages")
+    for m in result["messages"]:
+        content = m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
+        out.print(f"[bold]{m['seq']:>4} {m['role']}[/bold]  ", end="")
+        out.print(content, markup=False, highlight=False)
+
+
+# --------------------------------------------------------------------------- questions
+
+
+@main.command()
+@click.option("--supervisor", help="Only this supervisor's questions.")
+@json_option
+@socket_option
+def questions(supervisor: str | None, as_json: bool, socket_path: Path | None) -> None:
+    """List the questions waiting for an answer."""
+
+    async def action(client: ControlClient) -> Any:
+        params: dict[str, Any] = {}
+        if supervisor:
+            params["supervisor_id"] = await resolve_id(client, supervisor, "supervisor")
+        return await client.call("question.list", params)
+
+    rows = run_client(socket_path, action)["questions"]
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        err.print("no open questions")
+        return
+    table = Table("question", "supervisor", "asked", "question text", "choices")
+    for q in rows:
+        table.add_row(
+            short(q["question_id"]),
+            short(q["supervisor_id"]),
+            q["asked_at"][11:19],
+            q["question"],
+            " / ".join(q["choices"]) or "(free text)",
+        )
+    out.print(table)
+
+
+@main.command()
+@click.argument("question")
+@click.argument("text", required=False)
+@socket_option
+def answer(question: str, text: str | None, socket_path: Path | None) -> None:
+    """Answer a question (id or unique prefix). Without TEXT, prompts on a terminal."""
+    if text is None and not sys.stdin.isatty():
+        raise click.UsageError("give the answer TEXT (stdin is not a terminal to prompt on)")
+
+    async def action(client: ControlClient) -> Any:
+        qid = await resolve_id(client, question, "question")
+        answer_text = text
+        if answer_text is None:
+            rows = (await client.call("question.list"))["questions"]
+            found = next((q for q in rows if q["question_id"] == qid), None)
+            if found is None:
+                raise MakimaError(f"question {qid} is not open")
+            answer_text = await anyio.to_thread.run_sync(prompt_answer, found)
+        return await client.call("question.answer", {"question_id": qid, "answer": answer_text})
+
+    result = run_client(socket_path, action, timeout=3600.0)
+    err.print(f"answered {result['question_id']}: {result['answer']}")
+
+
+# --------------------------------------------------------------------------- watch, status
+
+
+@main.command()
+@click.option("--kind", "kinds", multiple=True, help="Only these event kinds (repeatable).")
+@socket_option
+def watch(kinds: tuple[str, ...], socket_path: Path | None) -> None:
+    """Print events as they happen, one JSON object per line (NDJSON)."""
+
+    async def action(client: ControlClient) -> None:
+        async with client.events(list(kinds) or None) as events:
+            async for event in events:
+                click.echo(json.dumps(event, ensure_ascii=False))
+
+    try:
+        run_client(socket_path, action, timeout=60.0)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+@main.command()
+@json_option
+@socket_option
+def status(as_json: bool, socket_path: Path | None) -> None:
+    """Show the daemon's status (exit 3 when no daemon answers)."""
+    result = run_client(
+        socket_path, lambda c: c.call("daemon.status"), no_daemon_code=EXIT_NO_DAEMON
+    )
+    if as_json:
+        print_json(result)
+        return
+    grid = Table.grid(padding=(0, 2))
+    grid.add_row(
+        "daemon", f"{result['daemon_id']} (pid {result['pid']}, version {result['version']})"
+    )
+    grid.add_row("started", result["started_at"])
+    grid.add_row("database", "embedded" if result["database"]["embedded"] else "external URL")
+    grid.add_row("agents running", str(result["running_agents"]))
+    grid.add_row("open questions", str(result["pending_questions"]))
+    counts = ", ".join(f"{k} {v}" for k, v in result["supervisors"].items() if v)
+    grid.add_row("supervisors", counts or "none")
+    out.print(grid)
+    report = result.get("last_startup_report")
+    if report:
+        summary = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
+        out.print(f"last startup: {summary}")
+        for outcome in ("repaired", "reverted", "fresh", "failed"):
+            for entry in report.get(outcome, []):
+                issues = "; ".join(entry["issues"])
+                out.print(
+                    f"  {outcome}: {entry['name']} ({short(entry['supervisor_id'])}) {issues}",
+                    markup=False,
+                )
+
+
+# --------------------------------------------------------------------------- demo, drill
+
+
+@main.command()
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="State directory for the demo (default: a 'demo' folder in makima's state dir).",
+)
+@click.option("--answer", "preset", help="Answer the agent's question with this, without asking.")
+@click.option("--timeout", type=float, default=180.0, show_default=True)
+def demo(state_dir: Path | None, preset: str | None, timeout: float) -> None:
+    """Run the daemon on the embedded database with the example release agent."""
+    from makima.demo import run_demo
+
+    try:
+        code = anyio.run(run_demo, state_dir, preset, timeout)
+    except MakimaError as exc:
+        fail(str(exc))
+    sys.exit(code)

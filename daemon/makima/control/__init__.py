@@ -1,0 +1,1 @@
+"""makima-control/1: the local control socket (codec, server, client)."""

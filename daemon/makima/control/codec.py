@@ -1,0 +1,490 @@
+"""makima-control/1 on the wire, without I/O (h11 style).
+
+JSON-RPC 2.0, one JSON object per line: UTF-8, ending in ``\\n`` (``\\r\\n``
+tolerated), at most :data:`MAX_LINE` bytes before the ``\\n``. Bytes go into a
+decoder's :meth:`~LineDecoder.feed`, frames come out; encoders turn plain
+JSON values into one line of bytes. Nothing here touches a socket: the server
+and the client do the I/O and act on the frames.
+
+What the decoders do with bad input (design §9):
+
+- a line longer than the limit: ``ProtocolError(INVALID_REQUEST, fatal=True)``,
+  reported as soon as the buffer passes the limit without a newline (nothing
+  more is buffered); the decoder is then closed and the server closes the
+  connection;
+- a line that is not UTF-8, or not JSON (``NaN`` and ``Infinity`` included):
+  ``PARSE_ERROR``, not fatal;
+- JSON that is not a proper message: ``INVALID_REQUEST``, not fatal, carrying
+  the id when it could be read. Batches (JSON arrays) are not supported and
+  get ``INVALID_REQUEST``. An explicit ``"id": null`` is refused too: a request
+  without ``id`` is a notification, one with an id expects a reply;
+- positional params (a JSON array): ``INVALID_PARAMS``, with the id;
+- blank lines are skipped.
+
+Unknown members of a message are ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, NoReturn, TypeAlias, TypeGuard, TypeVar
+
+from makima.errors import InvalidValueError, MakimaError
+
+MAX_LINE = 1 << 20
+"""The longest line, in bytes, not counting its ``\\n`` (a ``\\r`` before it counts)."""
+
+RequestId: TypeAlias = str | int
+
+
+class ErrorCode(enum.IntEnum):
+    """JSON-RPC error codes: the standard ones, then makima's application errors."""
+
+    PARSE_ERROR = -32700
+    INVALID_REQUEST = -32600
+    METHOD_NOT_FOUND = -32601
+    INVALID_PARAMS = -32602
+    INTERNAL_ERROR = -32603
+    NOT_FOUND = -32001
+    CONFLICT = -32002
+    INVALID_ANSWER = -32003
+    FORBIDDEN = -32004
+    UNAVAILABLE = -32005
+
+
+# --- frames ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A call from a client. ``id`` None: a notification, which gets no reply."""
+
+    id: RequestId | None
+    method: str
+    params: dict[str, Any]
+
+    @property
+    def is_notification(self) -> bool:
+        return self.id is None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorObject:
+    """The ``error`` member of a response."""
+
+    code: int
+    message: str
+    data: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """The server's answer to one request: ``error`` None means success.
+
+    ``id`` is None only for an error about a request the server could not read.
+    """
+
+    id: RequestId | None
+    result: Any = None
+    error: ErrorObject | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A message from the server that answers nothing, e.g. ``event``."""
+
+    method: str
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    """A line the decoder refused. ``fatal``: the connection cannot go on.
+
+    The server answers it with ``encode_error(id, code, message)``.
+    """
+
+    code: ErrorCode
+    message: str
+    id: RequestId | None = None
+    fatal: bool = False
+
+
+class DecoderClosedError(MakimaError, RuntimeError):
+    """A decoder was fed after a fatal error or after ``feed_eof()``."""
+
+
+# --- parsing one line --------------------------------------------------------
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_id(value: object) -> TypeGuard[RequestId]:
+    return isinstance(value, str) or _is_int(value)
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _load_json(line: bytes) -> Any:
+    """The decoded JSON value of ``line``; ValueError with a clear message if there is none."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"line is not valid UTF-8 (byte {line[exc.start]:#04x} at offset {exc.start})"
+        ) from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, too many digits
+        raise ValueError(f"invalid JSON: {exc}") from None
+
+
+def _check_jsonrpc(obj: dict[str, Any]) -> str | None:
+    """A message for a missing or wrong ``jsonrpc`` member, or None if it is "2.0"."""
+    if "jsonrpc" not in obj:
+        return 'jsonrpc is missing; it must be "2.0"'
+    if obj["jsonrpc"] != "2.0":
+        return f'jsonrpc must be "2.0", got {json.dumps(obj["jsonrpc"])[:40]}'
+    return None
+
+
+def parse_request(line: bytes) -> Request | ProtocolError:
+    """One line received by the server (without its newline)."""
+    try:
+        obj = _load_json(line)
+    except ValueError as exc:
+        return ProtocolError(ErrorCode.PARSE_ERROR, str(exc))
+    if isinstance(obj, list):
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            "batch requests (JSON arrays) are not supported; send one object per line",
+        )
+    if not isinstance(obj, dict):
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST, f"a request must be a JSON object, got {_json_type(obj)}"
+        )
+    request_id: RequestId | None = None
+    if "id" in obj:
+        raw_id = obj["id"]
+        if not _is_id(raw_id):
+            return ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"id must be a string or an integer, got {_json_type(raw_id)}"
+                " (leave it out for a notification)",
+            )
+        request_id = raw_id
+    if (problem := _check_jsonrpc(obj)) is not None:
+        return ProtocolError(ErrorCode.INVALID_REQUEST, problem, request_id)
+    method = obj.get("method")
+    if not isinstance(method, str):
+        got = "missing" if "method" not in obj else f"{_json_type(method)}"
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST, f"method must be a string, got {got}", request_id
+        )
+    if "params" not in obj:
+        return Request(request_id, method, {})
+    params = obj["params"]
+    if isinstance(params, dict):
+        return Request(request_id, method, params)
+    if isinstance(params, list):
+        return ProtocolError(
+            ErrorCode.INVALID_PARAMS,
+            "params must be an object of named parameters;"
+            " positional params (a JSON array) are not supported",
+            request_id,
+        )
+    return ProtocolError(
+        ErrorCode.INVALID_REQUEST,
+        f"params must be an object, got {_json_type(params)}",
+        request_id,
+    )
+
+
+def parse_server_message(line: bytes) -> Response | Notification | ProtocolError:
+    """One line received by the client (without its newline)."""
+    try:
+        obj = _load_json(line)
+    except ValueError as exc:
+        return ProtocolError(ErrorCode.PARSE_ERROR, str(exc))
+    if not isinstance(obj, dict):
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            f"a message from the server must be a JSON object, got {_json_type(obj)}",
+        )
+    if (problem := _check_jsonrpc(obj)) is not None:
+        return ProtocolError(ErrorCode.INVALID_REQUEST, problem)
+    if "method" in obj:
+        return _parse_notification(obj)
+    if "id" not in obj:
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST, "a response must have an id, or a notification a method"
+        )
+    raw_id = obj["id"]
+    if raw_id is not None and not _is_id(raw_id):
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            f"a response id must be a string, an integer or null, got {_json_type(raw_id)}",
+        )
+    if ("result" in obj) == ("error" in obj):
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            "a response must have exactly one of result and error",
+            raw_id,
+        )
+    if "result" in obj:
+        if raw_id is None:
+            return ProtocolError(
+                ErrorCode.INVALID_REQUEST, "a result must carry the request's id, got null"
+            )
+        return Response(raw_id, result=obj["result"])
+    error = obj["error"]
+    if not isinstance(error, dict):
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            f"a response's error must be an object, got {_json_type(error)}",
+            raw_id,
+        )
+    code, message = error.get("code"), error.get("message")
+    if not _is_int(code) or not isinstance(message, str):
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            "a response's error must have an integer code and a string message",
+            raw_id,
+        )
+    return Response(raw_id, error=ErrorObject(code, message, error.get("data")))
+
+
+def _parse_notification(obj: dict[str, Any]) -> Notification | ProtocolError:
+    method = obj["method"]
+    if not isinstance(method, str):
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST, f"method must be a string, got {_json_type(method)}"
+        )
+    if "id" in obj:
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            f"the server sent a request ({method!r}); clients take no requests",
+        )
+    params = obj.get("params", {})
+    if not isinstance(params, dict):
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            f"notification params must be an object, got {_json_type(params)}",
+        )
+    return Notification(method, params)
+
+
+# --- line framing ------------------------------------------------------------
+
+FrameT = TypeVar("FrameT")
+
+
+class BaseLineDecoder(Generic[FrameT]):
+    """Bytes in, frames out: the framing both sides share.
+
+    Use :class:`LineDecoder` (the server's side) or :class:`ClientDecoder`.
+
+    ``feed`` returns the frames of every complete line, in order. After a fatal
+    :class:`ProtocolError` (a line over ``max_line``), or after :meth:`feed_eof`,
+    the decoder is closed and feeding it raises :class:`DecoderClosedError`.
+    """
+
+    def __init__(self, *, max_line: int = MAX_LINE) -> None:
+        if max_line < 1:
+            raise InvalidValueError(f"max_line must be at least 1, got {max_line}")
+        self.max_line = max_line
+        self._buffer = bytearray()
+        self._scanned = 0  # leading bytes of _buffer known to hold no newline
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Bytes held while waiting for a newline (never more than ``max_line``)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[FrameT | ProtocolError]:
+        self._check_open()
+        self._buffer += data
+        frames: list[FrameT | ProtocolError] = []
+        while True:
+            newline = self._buffer.find(b"\n", self._scanned)
+            if newline < 0:
+                self._scanned = len(self._buffer)
+                if self._scanned > self.max_line:
+                    frames.append(self._too_long())
+                return frames
+            line = bytes(self._buffer[:newline])
+            del self._buffer[: newline + 1]
+            self._scanned = 0
+            if len(line) > self.max_line:
+                frames.append(self._too_long())
+                return frames
+            frame = self._parse_line(line)
+            if frame is not None:
+                frames.append(frame)
+
+    def feed_eof(self) -> list[FrameT | ProtocolError]:
+        """The peer closed its side: parse a last line left without a newline, then close."""
+        self._check_open()
+        self._closed = True
+        line = bytes(self._buffer)
+        self._buffer.clear()
+        frame = self._parse_line(line)
+        return [] if frame is None else [frame]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DecoderClosedError(
+                "this decoder is closed (after a fatal protocol error or end of input)"
+            )
+
+    def _too_long(self) -> ProtocolError:
+        self._closed = True
+        self._buffer.clear()
+        return ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            f"line longer than {self.max_line} bytes; closing the connection",
+            fatal=True,
+        )
+
+    def _parse_line(self, line: bytes) -> FrameT | ProtocolError | None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line.strip():
+            return None
+        return self._parse(line)
+
+    def _parse(self, line: bytes) -> FrameT | ProtocolError:
+        raise NotImplementedError
+
+
+class LineDecoder(BaseLineDecoder[Request]):
+    """The server's side: lines become :class:`Request` frames."""
+
+    def _parse(self, line: bytes) -> Request | ProtocolError:
+        return parse_request(line)
+
+
+class ClientDecoder(BaseLineDecoder[Response | Notification]):
+    """The client's side: lines become :class:`Response` or :class:`Notification` frames."""
+
+    def _parse(self, line: bytes) -> Response | Notification | ProtocolError:
+        return parse_server_message(line)
+
+
+# --- encoding ----------------------------------------------------------------
+
+
+def _refuse(value: object) -> NoReturn:
+    raise TypeError(
+        f"cannot encode {type(value).__name__} {value!r:.60} as JSON; pass plain JSON values"
+        " (a str for a UUID, an ISO 8601 str for a datetime)"
+    )
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    """One compact JSON line. TypeError on a non-JSON value, ValueError on NaN/Infinity."""
+    text = json.dumps(
+        message, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_refuse
+    )
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. echoed from a peer's "\ud800"
+        data = json.dumps(
+            message, ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=_refuse
+        ).encode("ascii")
+    return data + b"\n"
+
+
+def _checked_id(request_id: object, *, null: bool = False) -> RequestId | None:
+    if request_id is None and null:
+        return None
+    if not _is_id(request_id):
+        raise TypeError(f"a request id must be a str or an int, got {type(request_id).__name__}")
+    return request_id
+
+
+def _checked_method(method: object) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"a method must be a str, got {type(method).__name__}")
+    return method
+
+
+def _checked_params(params: object) -> dict[str, Any]:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping, got {type(params).__name__}")
+    return dict(params)
+
+
+def encode_request(
+    request_id: RequestId, method: str, params: Mapping[str, Any] | None = None
+) -> bytes:
+    """A call expecting a reply; ``params`` None leaves the member out."""
+    message: dict[str, Any] = {
+        "jsonrpc": "2.0",
+        "id": _checked_id(request_id),
+        "method": _checked_method(method),
+    }
+    if params is not None:
+        message["params"] = _checked_params(params)
+    return _line(message)
+
+
+def encode_notification(method: str, params: Mapping[str, Any]) -> bytes:
+    """A message without id, e.g. ``encode_notification("event", {"kind": …})``."""
+    return _line(
+        {"jsonrpc": "2.0", "method": _checked_method(method), "params": _checked_params(params)}
+    )
+
+
+def encode_result(request_id: RequestId, result: Any) -> bytes:
+    return _line({"jsonrpc": "2.0", "id": _checked_id(request_id), "result": result})
+
+
+def encode_error(request_id: RequestId | None, code: int, message: str, data: Any = None) -> bytes:
+    """An error reply; ``request_id`` None when the request's id could not be read.
+
+    ``data`` None leaves the member out.
+    """
+    error: dict[str, Any] = {"code": int(code), "message": message}
+    if data is not None:
+        error["data"] = data
+    return _line({"jsonrpc": "2.0", "id": _checked_id(request_id, null=True), "error": error})

@@ -1,0 +1,268 @@
+"""The control socket server: accepts connections, checks each peer with
+SO_PEERCRED, decodes JSON-RPC lines and hands requests to a dispatcher.
+
+Generic: what the methods do lives in :mod:`makima.api`. A dispatcher
+returns a :class:`Reply` (a result, plus optional work to do once the
+response is written) or a :class:`Stream` (a result, then notifications).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import structlog
+
+from makima.control.codec import (
+    ErrorCode,
+    LineDecoder,
+    ProtocolError,
+    Request,
+    encode_error,
+    encode_notification,
+    encode_result,
+)
+from makima.errors import (
+    ConflictError,
+    DatabaseUnavailableError,
+    ForbiddenError,
+    InvalidAnswerError,
+    InvalidParamsError,
+    InvalidValueError,
+    MakimaError,
+    NotFoundError,
+)
+
+log = structlog.get_logger("makima.control")
+
+EVENT_METHOD = "event"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    result: Any
+    after: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """A result followed by notifications until the iterator ends."""
+
+    result: Any
+    events: AsyncIterator[dict[str, Any]]
+
+
+class Dispatcher(Protocol):
+    async def __call__(self, peer: Peer, method: str, params: dict[str, Any]) -> Reply | Stream: ...
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid)
+
+
+def supplementary_groups(pid: int) -> set[int]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("Groups:"):
+            return {int(g) for g in line.split()[1:]}
+    return set()
+
+
+def peer_allowed(peer: Peer, *, daemon_uid: int, socket_gid: int, groups: set[int]) -> bool:
+    """Root, the daemon's own uid, or a member of the socket's group (pure)."""
+    return peer.uid in (0, daemon_uid) or peer.gid == socket_gid or socket_gid in groups
+
+
+def error_for(exc: Exception) -> tuple[ErrorCode, str, Any]:
+    """Map an exception raised by a method to a JSON-RPC error (pure)."""
+    if isinstance(exc, NotFoundError):
+        return ErrorCode.NOT_FOUND, str(exc), None
+    if isinstance(exc, ConflictError):
+        return ErrorCode.CONFLICT, str(exc), exc.data or None
+    if isinstance(exc, InvalidAnswerError):
+        return ErrorCode.INVALID_ANSWER, str(exc), {"choices": list(exc.choices)}
+    if isinstance(exc, ForbiddenError):
+        return ErrorCode.FORBIDDEN, str(exc), None
+    if isinstance(exc, DatabaseUnavailableError):
+        return ErrorCode.UNAVAILABLE, str(exc), None
+    if isinstance(exc, InvalidParamsError | InvalidValueError):
+        return ErrorCode.INVALID_PARAMS, str(exc), None
+    return ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}", None
+
+
+class MethodNotFoundError(MakimaError):
+    pass
+
+
+async def prepare_socket_path(path: Path) -> None:
+    """Make the folder; remove a stale socket file, refuse a live one."""
+    await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True, mode=0o755)
+    if not await anyio.Path(path).exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+            await anyio.Path(path).unlink(missing_ok=True)
+            log.info("control.stale_socket_removed", path=str(path))
+            return
+        if exc.errno not in (errno.EAGAIN, errno.EINPROGRESS):
+            raise
+    finally:
+        probe.close()
+    raise MakimaError(f"another makima daemon is already listening on {path}")
+
+
+class ControlServer:
+    def __init__(
+        self,
+        dispatch: Dispatcher,
+        *,
+        daemon_uid: int | None = None,
+        send_timeout: float = 5.0,
+    ) -> None:
+        self.dispatch = dispatch
+        self.daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
+        self.send_timeout = send_timeout
+        self._socket_gid = os.getgid()
+
+    async def listen(self, path: Path, mode: int = 0o660) -> anyio.abc.SocketListener:
+        await prepare_socket_path(path)
+        listener = await anyio.create_unix_listener(path, mode=mode)
+        self._socket_gid = os.stat(path).st_gid
+        log.info("control.listening", path=str(path), mode=oct(mode))
+        return listener
+
+    async def adopt(self, sock: socket.socket) -> anyio.abc.SocketListener:
+        """Use a listening socket handed over by systemd socket activation."""
+        with contextlib.suppress(OSError):
+            name = sock.getsockname()
+            if isinstance(name, str) and name:
+                self._socket_gid = os.stat(name).st_gid
+        log.info("control.adopted", fd=sock.fileno())
+        return await anyio.abc.SocketListener.from_socket(sock)
+
+    async def serve(self, listener: anyio.abc.SocketListener) -> None:
+        async with listener:
+            await listener.serve(self._connection)
+
+    async def _connection(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610
+            peer = peer_credentials(raw)
+            allowed = peer_allowed(
+                peer,
+                daemon_uid=self.daemon_uid,
+                socket_gid=self._socket_gid,
+                groups=supplementary_groups(peer.pid)
+                if peer.uid not in (0, self.daemon_uid)
+                else set(),
+            )
+            if not allowed:
+                log.warning("control.peer_refused", pid=peer.pid, uid=peer.uid, gid=peer.gid)
+                with contextlib.suppress(Exception):
+                    await stream.send(
+                        encode_error(
+                            None,
+                            ErrorCode.FORBIDDEN,
+                            f"uid {peer.uid} may not use this daemon: it needs to be root, "
+                            f"uid {self.daemon_uid}, or in group {self._socket_gid}",
+                        )
+                    )
+                return
+            await _Connection(self, stream, peer).run()
+
+
+async def _call(function: Callable[[], Awaitable[None]]) -> None:
+    await function()
+
+
+class _Connection:
+    def __init__(self, server: ControlServer, stream: anyio.abc.SocketStream, peer: Peer) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self._send_lock = anyio.Lock()
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            with anyio.fail_after(self.server.send_timeout):
+                await self.stream.send(data)
+
+    async def run(self) -> None:
+        decoder = LineDecoder()
+        async with anyio.create_task_group() as tg:
+            try:
+                async for data in self.stream:
+                    for frame in decoder.feed(data):
+                        if isinstance(frame, ProtocolError):
+                            await self.send(encode_error(frame.id, frame.code, frame.message))
+                            if frame.fatal:
+                                log.warning("control.connection_closed", reason=frame.message)
+                                tg.cancel_scope.cancel()
+                                return
+                            continue
+                        if isinstance(frame, Request):
+                            await self._request(frame, tg)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError, OSError):
+                pass
+            tg.cancel_scope.cancel()
+
+    async def _request(self, request: Request, tg: anyio.abc.TaskGroup) -> None:
+        try:
+            outcome = await self.server.dispatch(self.peer, request.method, request.params)
+        except MethodNotFoundError as exc:
+            await self._error(request, ErrorCode.METHOD_NOT_FOUND, str(exc), None)
+            return
+        except Exception as exc:  # every failure of a method becomes an error reply
+            code, message, data = error_for(exc)
+            if code is ErrorCode.INTERNAL_ERROR:
+                log.exception("control.method_failed", method=request.method)
+            await self._error(request, code, message, data)
+            return
+        if request.id is not None:
+            await self.send(encode_result(request.id, outcome.result))
+        if isinstance(outcome, Stream):
+            tg.start_soon(self._pump, outcome.events)
+        elif outcome.after is not None:
+            tg.start_soon(_call, outcome.after)
+
+    async def _error(self, request: Request, code: ErrorCode, message: str, data: Any) -> None:
+        if request.id is not None:
+            await self.send(encode_error(request.id, code, message, data))
+
+    async def _pump(self, events: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for event in events:
+                await self.send(encode_notification(EVENT_METHOD, event))
+        except TimeoutError:
+            log.warning("control.subscriber_dropped", reason="send_timeout", pid=self.peer.pid)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await self.stream.aclose()

@@ -1,0 +1,1 @@
+"""Example agents shipped with makima (see examples/agents/ in the source tree)."""

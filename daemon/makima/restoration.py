@@ -1,0 +1,432 @@
+"""The ten-step restoration flow (DESIGN §7).
+
+1. trigger: daemon start, takeover, manual resume, or agent death;
+2. load the state (in bulk on startup);
+3. no state row: start fresh, with a warning;
+4. validate (``validation.validate_supervisor_state``);
+5. invalid: repair, revert to the latest checkpoint, start fresh, or mark failed;
+6. valid: restore the conversation history;
+7. re-deliver pending questions (``question.redelivered``, ``redelivery_count``+1)
+   and deliver answers persisted but never received;
+8. tasks that were running are re-run or marked ``interrupted``, and the
+   agent is told;
+9. send the restoration context in the agent's ``start`` message;
+10. resume from the last state; ``mark_supervisor_restored``.
+
+Decisions are pure (``makima.validation``); this module loads, writes and launches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from makima import repository as repo
+from makima.errors import ConflictError, InvalidValueError, NotFoundError
+from makima.events import EventKind
+from makima.model import (
+    PendingQuestion,
+    QuestionRecord,
+    RestorationInfo,
+    RestorationSource,
+    StateRecoveryAction,
+    StateValidationResult,
+    SupervisorRestorationContext,
+    SupervisorState,
+    TaskRecord,
+)
+from makima.model import (
+    SupervisorStateEnum as S,
+)
+from makima.supervisor import Supervisor, question_event_fields
+from makima.validation import (
+    LoadedSupervisor,
+    fresh_state,
+    generate_restoration_context_message,
+    questions_to_record,
+    repair_state,
+    settled_state,
+    validate_supervisor_state,
+)
+
+if TYPE_CHECKING:
+    from makima.daemon import Daemon
+
+log = structlog.get_logger("makima.restoration")
+
+HISTORY_LIMIT = 50
+
+
+class Outcome(enum.StrEnum):
+    """How one restoration went, for the startup report."""
+
+    RESTORED = "restored"
+    REPAIRED = "repaired"
+    REVERTED = "reverted"
+    FRESH = "fresh"
+    FAILED = "failed"
+
+
+_OUTCOME = {
+    None: Outcome.RESTORED,
+    StateRecoveryAction.REPAIR: Outcome.REPAIRED,
+    StateRecoveryAction.REVERT_TO_CHECKPOINT: Outcome.REVERTED,
+    StateRecoveryAction.START_FRESH: Outcome.FRESH,
+    StateRecoveryAction.MARK_FAILED: Outcome.FAILED,
+}
+
+
+class TaskRestartPolicy(enum.StrEnum):
+    """What happens to tasks that were running when the daemon stopped."""
+
+    INTERRUPT = "interrupt"  # marked interrupted; the agent decides
+    RERUN = "rerun"  # started again
+
+
+@dataclass
+class Plan:
+    """Everything decided for one supervisor, ready to write and launch."""
+
+    loaded: LoadedSupervisor
+    source: RestorationSource
+    validation: StateValidationResult
+    state: SupervisorState
+    tasks: list[TaskRecord]
+    rerun: list[TaskRecord] = field(default_factory=list)
+    history: list[Any] = field(default_factory=list)
+    undelivered: list[QuestionRecord] = field(default_factory=list)
+    outcome: Outcome = Outcome.RESTORED
+    restoration_count: int = 0
+    context_message: str = ""
+
+    @property
+    def supervisor_id(self) -> uuid.UUID:
+        return self.loaded.spec.supervisor_id
+
+    @property
+    def launches(self) -> bool:
+        return self.state.state.is_unfinished
+
+
+# --------------------------------------------------------------------------- loading (step 2)
+
+
+async def load(
+    daemon: Daemon, supervisor_ids: Sequence[uuid.UUID] | None = None
+) -> list[LoadedSupervisor]:
+    """Load unfinished supervisors in bulk (all of them, or the ones named)."""
+    db = daemon.db
+    rows = await db.save(repo.load_unfinished_supervisor_states, "restore_load")
+    states = {sid: value for sid, value in rows}
+    if supervisor_ids is None:
+        without_state = await db.save(repo.get_specs_without_state, "restore_load")
+        ids = [*states, *(s.supervisor_id for s in without_state)]
+    else:
+        ids = list(supervisor_ids)
+        missing = [i for i in ids if i not in states]
+        if missing:
+            for spec_id in missing:
+                state = await db.save(
+                    functools.partial(
+                        repo.get_supervisor_state_for_restoration, supervisor_id=spec_id
+                    ),
+                    "restore_load",
+                )
+                if state is not None:
+                    states[spec_id] = state
+    specs = await db.save(lambda pool: repo.get_supervisor_specs(pool, ids), "restore_load")
+    tasks = await db.save(lambda pool: repo.get_tasks_for_supervisors(pool, ids), "restore_load")
+    questions = await db.save(
+        lambda pool: repo.get_questions_for_supervisors(pool, ids), "restore_load"
+    )
+    checkpointed = await db.save(
+        lambda pool: repo.get_checkpointed_supervisors(pool, ids), "restore_load"
+    )
+    loaded: list[LoadedSupervisor] = []
+    for sid in ids:
+        spec = specs.get(sid)
+        if spec is None:
+            log.warning("restoration.state_without_spec", supervisor_id=str(sid))
+            continue
+        value = states.get(sid)
+        loaded.append(
+            LoadedSupervisor(
+                spec=spec,
+                state=value if isinstance(value, SupervisorState) else None,
+                tasks=tuple(tasks.get(sid, ())),
+                questions=tuple(questions.get(sid, ())),
+                load_error=str(value) if isinstance(value, InvalidValueError) else None,
+                has_checkpoint=sid in checkpointed,
+            )
+        )
+    return loaded
+
+
+# ------------------------------------------------------------ deciding and writing (3-8)
+
+
+async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSource) -> Plan:
+    db = daemon.db
+    sid = loaded.spec.supervisor_id
+    validation = validate_supervisor_state(loaded)
+    action = validation.recovery_action
+    if loaded.state is None and loaded.load_error is None:
+        log.warning("restoration.no_state_row", supervisor_id=str(sid), action="start_fresh")
+        daemon.bus.publish(
+            EventKind.SUPERVISOR_WARNING,
+            supervisor_id=str(sid),
+            warning="no saved state was found; starting fresh",
+        )
+    state: SupervisorState
+    questions = list(loaded.questions)
+    if action is None:
+        assert loaded.state is not None
+        state = loaded.state
+    elif action is StateRecoveryAction.REPAIR:
+        assert loaded.state is not None
+        state = await _repaired(daemon, loaded.state, loaded.tasks, questions)
+    elif action is StateRecoveryAction.REVERT_TO_CHECKPOINT:
+        checkpoint = None
+        try:
+            checkpoint = await db.save(
+                lambda pool: repo.get_latest_supervisor_checkpoint(pool, sid), "restore_load"
+            )
+        except InvalidValueError as exc:
+            log.warning("restoration.checkpoint_unreadable", supervisor_id=str(sid), error=str(exc))
+        if checkpoint is None:
+            action = StateRecoveryAction.START_FRESH
+            validation = StateValidationResult(False, validation.issues, action)
+            state = fresh_state(sid, None)
+        else:
+            state = await _repaired(daemon, checkpoint.snapshot, loaded.tasks, questions)
+    elif action is StateRecoveryAction.START_FRESH:
+        state = fresh_state(sid, loaded.state)
+    else:  # MARK_FAILED
+        base = loaded.state or fresh_state(sid, None)
+        state = dataclasses.replace(
+            base,
+            state=S.FAILED,
+            error_message="could not be restored: " + "; ".join(validation.issues),
+        )
+    result = Plan(loaded, source, validation, state, list(loaded.tasks), outcome=_OUTCOME[action])
+    if not result.launches:
+        return result
+    # Step 8: tasks that were running when the agent or daemon stopped.
+    unfinished = [t for t in result.tasks if not t.status.is_finished]
+    if unfinished:
+        if daemon.config.task_restart_policy == TaskRestartPolicy.RERUN.value:
+            result.rerun = unfinished
+        else:
+            interrupted = await db.save(
+                lambda pool: repo.interrupt_unfinished_tasks(pool, sid), "restore_tasks"
+            )
+            by_id = {t.task_id: t for t in interrupted}
+            result.tasks = [by_id.get(t.task_id, t) for t in result.tasks]
+    # Step 10's "resume from the last state", settled against the pending work.
+    settled = settled_state(result.state, result.tasks)
+    if result.state.state is S.INTERRUPTED or settled is not result.state.state:
+        result.state = dataclasses.replace(
+            result.state,
+            state=settled,
+            error_message=result.state.error_message if settled is S.BLOCKED else None,
+        )
+    # Steps 6 and 7: history, answers that never reached the agent.
+    result.history = await db.save(
+        lambda pool: repo.get_supervisor_messages(pool, sid, HISTORY_LIMIT), "restore_load"
+    )
+    answered = {
+        q.question_id: q for q in questions if q.answer is not None and q.delivered_at is None
+    }
+    result.undelivered = sorted(answered.values(), key=lambda q: q.answered_at or q.asked_at)
+    return result
+
+
+async def _repaired(
+    daemon: Daemon,
+    state: SupervisorState,
+    tasks: Sequence[TaskRecord],
+    questions: list[QuestionRecord],
+) -> SupervisorState:
+    missing = questions_to_record(state, questions)
+    if missing:
+        await daemon.db.save(
+            lambda pool: repo.record_question_rows(pool, state.supervisor_id, missing),
+            "restore_repair",
+        )
+        questions.extend(
+            QuestionRecord(q.id, state.supervisor_id, q.question, q.choices, q.context, q.asked_at)
+            for q in missing
+        )
+    return repair_state(state, tasks, questions)
+
+
+async def write(daemon: Daemon, plans: Sequence[Plan]) -> None:
+    """Save each decided state, then count the restorations (in bulk)."""
+    db = daemon.db
+    for p in plans:
+        version = await db.save(
+            functools.partial(repo.save_supervisor_state_full, state=p.state), "restore_state"
+        )
+        p.state = dataclasses.replace(p.state, version=version)
+    launched = [p for p in plans if p.launches]
+    for source in {p.source for p in launched}:
+        ids = [p.supervisor_id for p in launched if p.source is source]
+        counts = await db.save(
+            functools.partial(repo.mark_supervisors_restored, supervisor_ids=ids, source=source),
+            "restore_mark",
+        )
+        for p in launched:
+            if p.supervisor_id in counts:
+                p.restoration_count = counts[p.supervisor_id]
+                p.state = dataclasses.replace(
+                    p.state, restoration_count=counts[p.supervisor_id], restoration_source=source
+                )
+    for p in launched:
+        p.context_message = generate_restoration_context_message(
+            p.loaded.spec,
+            p.state,
+            p.source,
+            p.tasks,
+            p.undelivered,
+            p.validation,
+            p.restoration_count,
+        )
+
+
+def start_payload(p: Plan) -> dict[str, Any] | None:
+    """The ``restoration`` object of the agent's ``start`` message (step 9)."""
+    if p.outcome is Outcome.FRESH:
+        return None  # a fresh start is a first start for the agent
+    context = SupervisorRestorationContext(
+        supervisor_id=p.supervisor_id,
+        source=p.source,
+        restoration_count=p.restoration_count,
+        context_message=p.context_message,
+        state=p.state,
+        history=tuple(p.history),
+        tasks=tuple(p.tasks),
+        undelivered_answers=tuple(p.undelivered),
+    )
+    return context.to_json()
+
+
+def info(p: Plan) -> RestorationInfo:
+    return RestorationInfo(
+        supervisor_id=p.supervisor_id,
+        source=p.source,
+        restoration_count=p.restoration_count,
+        validation=p.validation,
+        redelivered_question_ids=tuple(q.id for q in p.state.pending_questions),
+        waiting_task_ids=tuple(t.task_id for t in p.rerun)
+        if p.state.state is S.WAITING_FOR_TASKS
+        else tuple(t.task_id for t in p.tasks if not t.status.is_finished),
+        context_message=p.context_message,
+    )
+
+
+# ------------------------------------------------------------ after the start message (7, 8)
+
+
+def after_start(daemon: Daemon, supervisor: Supervisor, p: Plan) -> Any:
+    """What happens once the agent has its ``start`` message."""
+    pending: list[PendingQuestion] = list(p.state.pending_questions)
+    undelivered = [q.question_id for q in p.undelivered]
+    rerun = list(p.rerun)
+
+    async def run() -> None:
+        db = daemon.db
+        if undelivered and start_payload(p) is not None:
+            await db.save(
+                lambda pool: repo.mark_answers_delivered(pool, undelivered), "answer_delivered"
+            )
+        if pending:
+            await db.save(
+                lambda pool: repo.increment_redelivery_count(pool, [q.id for q in pending]),
+                "redelivery",
+            )
+            for question in pending:
+                daemon.bus.publish(
+                    EventKind.QUESTION_REDELIVERED,
+                    **question_event_fields(question, supervisor.id),
+                    source=p.source.value,
+                )
+        for task in rerun:
+            await supervisor.rerun_task(task)
+        daemon.bus.publish(
+            EventKind.SUPERVISOR_RESTORED,
+            supervisor_id=str(supervisor.id),
+            name=supervisor.spec.name,
+            source=p.source.value,
+            restoration_count=p.restoration_count,
+            outcome=p.outcome.value,
+            state=supervisor.state.state.value,
+        )
+
+    return run
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+async def restore_all(daemon: Daemon) -> dict[str, Any]:
+    """Startup: restore every unfinished supervisor; return the startup report."""
+    loaded = await load(daemon)
+    plans = [await plan(daemon, item, RestorationSource.DAEMON_RESTART) for item in loaded]
+    await write(daemon, plans)
+    report: dict[str, Any] = {o.value: [] for o in Outcome}
+    for p in plans:
+        entry = {
+            "supervisor_id": str(p.supervisor_id),
+            "name": p.loaded.spec.name,
+            "state": p.state.state.value,
+            "issues": list(p.validation.issues),
+        }
+        report[p.outcome.value].append(entry)
+        log.info(
+            "restoration.done",
+            supervisor_id=str(p.supervisor_id),
+            outcome=p.outcome.value,
+            state=p.state.state.value,
+            restoration_count=p.restoration_count,
+            issues=list(p.validation.issues),
+            pending_questions=len(p.state.pending_questions),
+            undelivered_answers=len(p.undelivered),
+        )
+        if p.launches:
+            supervisor = daemon.new_supervisor(p.loaded.spec, p.state)
+            daemon.launch(supervisor, start_payload(p), after_start(daemon, supervisor, p))
+    report["counts"] = {o.value: len(report[o.value]) for o in Outcome}
+    log.info("restoration.startup_report", **report["counts"])
+    return report
+
+
+async def restore_one(daemon: Daemon, supervisor_id: uuid.UUID, source: RestorationSource) -> Plan:
+    """Run steps 2 to 8 and write step 10 for one supervisor (resume, agent restart)."""
+    loaded = await load(daemon, [supervisor_id])
+    if not loaded:
+        raise NotFoundError(f"supervisor {supervisor_id} has nothing to restore")
+    p = await plan(daemon, loaded[0], source)
+    await write(daemon, [p])
+    return p
+
+
+async def resume(daemon: Daemon, supervisor_id: uuid.UUID) -> RestorationInfo:
+    """Manual resume: stop the agent if it runs, then restore with source ``manual``."""
+    found = await daemon.db.query(lambda pool: repo.get_supervisor(pool, supervisor_id))
+    if found is None:
+        raise NotFoundError(f"no supervisor {supervisor_id}")
+    _, state = found
+    if state is not None and state.state.is_terminal:
+        raise ConflictError(
+            f"supervisor {supervisor_id} is {state.state.value}; only unfinished supervisors "
+            "can be resumed",
+            {"state": state.state.value},
+        )
+    return await daemon.restart_supervisor(supervisor_id, RestorationSource.MANUAL)

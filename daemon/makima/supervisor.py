@@ -1,0 +1,587 @@
+"""The in-memory Supervisor: runs one agent, applies its events through the
+transition table, and runs the matching save point before anything else may
+see the effect (DESIGN §4).
+
+Ordering rule for every agent message: decide (pure) → save point (commit)
+→ update memory → ack the agent → announce to subscribers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import structlog
+
+from makima import repository as repo
+from makima.agent import (
+    Activity,
+    AgentMessage,
+    AgentProcess,
+    AgentProtocolError,
+    Ask,
+    Blocked,
+    Checkpoint,
+    Done,
+    Envelope,
+    ErrorCode,
+    Fail,
+    Message,
+    Phase,
+    Spawn,
+    WaitTasks,
+    ack,
+    answer_message,
+    cancel_message,
+    error_reply,
+    start_message,
+    task_finished_message,
+    tasks_done_message,
+)
+from makima.database import Database, Pool
+from makima.errors import IllegalTransitionError, InvalidValueError, MakimaError
+from makima.events import EventBus, EventKind
+from makima.faults import FaultHook, Moment, SavePoint
+from makima.model import (
+    PendingQuestion,
+    QuestionRecord,
+    SupervisorSpec,
+    SupervisorState,
+    SupervisorStateEnum,
+    TaskRecord,
+    TaskStatus,
+)
+from makima.tasks import TaskOutcome, run_task
+from makima.transitions import Event, is_allowed, transition
+
+log = structlog.get_logger("makima.supervisor")
+T = TypeVar("T")
+AfterAck = Callable[[], Awaitable[None]] | None
+
+
+class StopReason(enum.StrEnum):
+    """Why the daemon stops a supervisor's agent."""
+
+    SHUTDOWN = "shutdown"  # the daemon is stopping: state interrupted
+    CANCEL = "cancel"  # a person cancelled it: state failed
+    RESTART = "restart"  # a manual resume: the agent is started again at once
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentExit:
+    """How a run of the agent ended."""
+
+    exit_code: int | None
+    finished: bool  # the supervisor reached a terminal state
+    stopped: StopReason | None  # the daemon stopped it on purpose
+
+
+def question_event_fields(
+    record: QuestionRecord | PendingQuestion, supervisor_id: uuid.UUID
+) -> dict[str, Any]:
+    """The flattened question fields every question event carries."""
+    if isinstance(record, PendingQuestion):
+        return {
+            "supervisor_id": str(supervisor_id),
+            "question_id": str(record.id),
+            "question": record.question,
+            "choices": list(record.choices),
+            "context": record.context,
+            "asked_at": record.asked_at.isoformat(),
+        }
+    return {
+        "supervisor_id": str(supervisor_id),
+        "question_id": str(record.question_id),
+        "question": record.question,
+        "choices": list(record.choices),
+        "context": record.context,
+        "asked_at": record.asked_at.isoformat(),
+    }
+
+
+class Supervisor:
+    """One supervisor: its spec, its current state, its agent and its tasks."""
+
+    def __init__(
+        self,
+        spec: SupervisorSpec,
+        state: SupervisorState,
+        *,
+        db: Database,
+        bus: EventBus,
+        faults: FaultHook,
+        grace: float = 5.0,
+    ) -> None:
+        self.spec = spec
+        self.state = state
+        self.db = db
+        self.bus = bus
+        self.faults = faults
+        self.grace = grace
+        self.agent: AgentProcess | None = None
+        self._lock = anyio.Lock()
+        self._running_tasks: dict[uuid.UUID, anyio.CancelScope] = {}
+        self._waiting_for_tasks = state.state is SupervisorStateEnum.WAITING_FOR_TASKS
+        self._stop_reason: StopReason | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._dirty = False
+        self.stopped = anyio.Event()
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.spec.supervisor_id
+
+    @property
+    def running_task_ids(self) -> tuple[uuid.UUID, ...]:
+        return tuple(self._running_tasks)
+
+    # ----------------------------------------------------------------- save points
+
+    async def _save(self, point: SavePoint, operation: Callable[[Pool], Awaitable[T]]) -> T:
+        self.faults.reached(point, Moment.BEFORE_COMMIT)
+        result = await self.db.save(operation, point.value)
+        self.faults.reached(point, Moment.AFTER_COMMIT)
+        return result
+
+    async def _change(
+        self,
+        event: Event,
+        *,
+        point: SavePoint = SavePoint.STATE_CHANGE,
+        **fields: Any,
+    ) -> SupervisorState:
+        """Apply ``event`` (and field updates), save it, then announce a state change."""
+        old = self.state
+        new = dataclasses.replace(old, state=transition(old.state, event), **fields)
+        await self._save(
+            point,
+            lambda pool: repo.update_supervisor_detailed_state(
+                pool, self.id, new.state, new.current_activity, new.progress, new.error_message
+            ),
+        )
+        self.state = new
+        self._dirty = False
+        self._announce_state(old.state)
+        return new
+
+    def _announce_state(self, old: SupervisorStateEnum) -> None:
+        if old is not self.state.state:
+            log.info(
+                "supervisor.state_changed",
+                supervisor_id=str(self.id),
+                old=old.value,
+                new=self.state.state.value,
+            )
+            self.bus.publish(
+                EventKind.SUPERVISOR_STATE_CHANGED,
+                supervisor_id=str(self.id),
+                name=self.spec.name,
+                old_state=old.value,
+                state=self.state.state.value,
+                phase=self.state.phase,
+                progress=self.state.progress,
+                error_message=self.state.error_message,
+            )
+
+    def heartbeat_row(self) -> tuple[uuid.UUID, SupervisorStateEnum, str | None, int]:
+        return (self.id, self.state.state, self.state.current_activity, self.state.progress)
+
+    # ----------------------------------------------------------------- running
+
+    def reset(self, state: SupervisorState) -> None:
+        """Take a restored state before the next run."""
+        self.state = state
+
+    async def run(
+        self,
+        restoration: Mapping[str, Any] | None = None,
+        after_start: Callable[[], Awaitable[None]] | None = None,
+    ) -> AgentExit:
+        """Start the agent, feed it, apply what it says until it exits."""
+        self._stop_reason = None
+        self.stopped = anyio.Event()
+        self._waiting_for_tasks = self.state.state is SupervisorStateEnum.WAITING_FOR_TASKS
+        try:
+            agent = await AgentProcess.start(
+                self.spec.agent_command,
+                supervisor_id=str(self.id),
+                cwd=self.spec.cwd,
+                env=self.spec.env,
+            )
+        except OSError as exc:
+            async with self._lock:
+                await self._change(
+                    Event.FAIL,
+                    error_message=f"could not start agent {self.spec.agent_command[0]!r}: {exc}",
+                )
+            self.stopped.set()
+            return AgentExit(None, True, None)
+        self.agent = agent
+        exit_code: int | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                tg.start_soon(agent.pump_stderr)
+                async with self._lock:
+                    if is_allowed(self.state.state, Event.AGENT_STARTED) and (
+                        transition(self.state.state, Event.AGENT_STARTED) is not self.state.state
+                    ):
+                        await self._change(Event.AGENT_STARTED)
+                await agent.send(
+                    start_message(str(self.id), self.spec.name, self.spec.goal, restoration)
+                )
+                if after_start is not None:
+                    await after_start()
+                async for item in agent.lines():
+                    await self._handle(item)
+                exit_code = await self._await_exit(agent)
+                # The agent is gone: what it left running is stopped.
+                tg.cancel_scope.cancel()
+        finally:
+            self._task_group = None
+            with anyio.CancelScope(shield=True):
+                if exit_code is None:
+                    exit_code = await agent.stop(self.grace)
+                await agent.aclose()
+            self.agent = None
+        finished = self.state.state.is_terminal
+        if not finished and self._stop_reason is None:
+            async with self._lock:
+                await self._change(
+                    Event.AGENT_EXITED,
+                    error_message=f"agent exited with status {exit_code} without done or fail",
+                )
+        log.info(
+            "supervisor.agent_exited",
+            supervisor_id=str(self.id),
+            exit_code=exit_code,
+            state=self.state.state.value,
+        )
+        self.stopped.set()
+        return AgentExit(exit_code, finished, self._stop_reason)
+
+    async def _await_exit(self, agent: AgentProcess) -> int:
+        """The agent closed its stdout; give it ``grace`` to exit, then stop it."""
+        with anyio.move_on_after(self.grace):
+            return await agent.wait()
+        code = await agent.stop(self.grace)
+        return code if code is not None else -9
+
+    async def stop(self, reason: StopReason, detail: str) -> None:
+        """Stop on purpose: save the state first, then tell and stop the agent."""
+        self._stop_reason = reason
+        async with self._lock:
+            if self.state.state.is_unfinished and reason is not StopReason.RESTART:
+                event = Event.INTERRUPT if reason is StopReason.SHUTDOWN else Event.CANCEL
+                await self._change(event, error_message=detail)
+        agent = self.agent
+        if agent is not None:
+            await agent.send(cancel_message(detail))
+            await agent.stop(self.grace)
+
+    async def give_up(self, reason: str) -> None:
+        """Past the restart limit: the supervisor fails with ``reason``."""
+        async with self._lock:
+            if self.state.state.is_unfinished:
+                await self._change(Event.RESTORE_FAILED, error_message=reason)
+
+    async def rerun_task(self, task: TaskRecord) -> None:
+        """Start again a task that was running when the agent or daemon stopped."""
+        if self._task_group is None:
+            raise MakimaError("the supervisor is not running")
+        scope = anyio.CancelScope()
+        self._running_tasks[task.task_id] = scope
+        self._task_group.start_soon(self._run_task, task, scope)
+
+    # ----------------------------------------------------------------- agent messages
+
+    async def _reply(self, message: Mapping[str, Any]) -> None:
+        if self.agent is not None:
+            await self.agent.send(message)
+
+    async def _handle(self, item: Envelope | AgentProtocolError) -> None:
+        if isinstance(item, AgentProtocolError):
+            log.warning(
+                "agent.bad_line", supervisor_id=str(self.id), code=item.code.value, error=str(item)
+            )
+            await self._reply(error_reply(item.ref, item.code, str(item)))
+            return
+        after: AfterAck = None
+        try:
+            async with self._lock:
+                results, after = await self._apply(item.message, durable=item.ref is not None)
+        except IllegalTransitionError as exc:
+            log.warning("agent.illegal", supervisor_id=str(self.id), error=str(exc))
+            await self._reply(error_reply(item.ref, ErrorCode.ILLEGAL_STATE, str(exc)))
+            return
+        except InvalidValueError as exc:
+            log.warning("agent.invalid", supervisor_id=str(self.id), error=str(exc))
+            await self._reply(error_reply(item.ref, ErrorCode.INVALID, str(exc)))
+            return
+        except MakimaError as exc:
+            log.exception("agent.failed_to_apply", supervisor_id=str(self.id))
+            await self._reply(error_reply(item.ref, ErrorCode.INTERNAL, str(exc)))
+            return
+        if item.ref is not None:
+            await self._reply(ack(item.ref, **results))
+        if after is not None:
+            await after()
+
+    async def _apply(
+        self, message: AgentMessage, *, durable: bool
+    ) -> tuple[dict[str, Any], AfterAck]:
+        """Apply one message; ``durable``: the agent awaits an ack, so even a
+        light change (activity) is saved before it."""
+        match message:
+            case Activity(text=text, progress=progress):
+                return await self._on_activity(text, progress, durable=durable), None
+            case Phase(phase=phase):
+                return await self._on_phase(phase), None
+            case Message(role=role, content=content):
+                seq = await self._save(
+                    SavePoint.MESSAGE,
+                    lambda pool: repo.append_supervisor_message(pool, self.id, role, content),
+                )
+                return {"seq": seq}, None
+            case Checkpoint(data=data):
+                return await self._on_checkpoint(data), None
+            case Ask():
+                return await self._on_ask(message)
+            case Spawn():
+                return await self._on_spawn(message)
+            case WaitTasks():
+                return await self._on_wait_tasks()
+            case Blocked(reason=reason):
+                await self._change(Event.BLOCKED, error_message=reason)
+                return {}, None
+            case Done(result=result):
+                await self._change(
+                    Event.DONE, progress=100, error_message=None, current_activity="done"
+                )
+                log.info("supervisor.completed", supervisor_id=str(self.id), result=result)
+                return {}, self._finish
+            case Fail(error=error):
+                await self._change(Event.FAIL, error_message=error)
+                return {}, self._finish
+
+    async def _on_activity(
+        self, text: str, progress: int | None, *, durable: bool
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {"current_activity": text}
+        if progress is not None:
+            fields["progress"] = progress
+        target = transition(self.state.state, Event.ACTIVITY)
+        if durable or target is not self.state.state:
+            await self._change(Event.ACTIVITY, **fields)
+        else:
+            # Same state: the batched heartbeat writes activity and progress.
+            self.state = dataclasses.replace(self.state, **fields)
+            self._dirty = True
+        return {}
+
+    async def _on_phase(self, phase: str) -> dict[str, Any]:
+        old = self.state
+        new = dataclasses.replace(old, phase=phase, state=transition(old.state, Event.ACTIVITY))
+        version = await self._save(
+            SavePoint.PHASE, lambda pool: repo.record_phase_change(pool, new)
+        )
+        self.state = dataclasses.replace(new, version=version)
+        self._announce_state(old.state)
+        return {}
+
+    async def _on_checkpoint(self, data: Any) -> dict[str, Any]:
+        old = self.state
+        new = dataclasses.replace(
+            old, checkpoint_data=data, state=transition(old.state, Event.ACTIVITY)
+        )
+        version = await self._save(
+            SavePoint.CHECKPOINT, lambda pool: repo.record_agent_checkpoint(pool, new)
+        )
+        self.state = dataclasses.replace(new, version=version)
+        self._announce_state(old.state)
+        return {}
+
+    async def _on_ask(self, message: Ask) -> tuple[dict[str, Any], AfterAck]:
+        old = self.state
+        question = PendingQuestion(
+            id=uuid.uuid4(),
+            question=message.question,
+            choices=message.choices,
+            context=message.context,
+            asked_at=datetime.now(UTC),
+        )
+        target = transition(old.state, Event.ASK)
+        await self._save(
+            SavePoint.ASK, lambda pool: repo.record_question_asked(pool, self.id, question, target)
+        )
+        self.state = dataclasses.replace(
+            old, state=target, pending_questions=(*old.pending_questions, question)
+        )
+        log.info("question.asked", supervisor_id=str(self.id), question_id=str(question.id))
+
+        async def announce() -> None:
+            self.bus.publish(EventKind.QUESTION_ASKED, **question_event_fields(question, self.id))
+            self._announce_state(old.state)
+
+        return {"question_id": str(question.id)}, announce
+
+    async def _on_spawn(self, message: Spawn) -> tuple[dict[str, Any], AfterAck]:
+        if self._task_group is None:
+            raise MakimaError("the supervisor is not running")
+        task = TaskRecord(
+            task_id=uuid.uuid4(),
+            supervisor_id=self.id,
+            name=message.name,
+            command=message.command,
+            cwd=message.cwd or self.spec.cwd,
+            env=dict(message.env),
+        )
+        target = transition(self.state.state, Event.SPAWN)
+        created = await self._save(SavePoint.SPAWN, lambda pool: repo.create_task(pool, task))
+        self.state = dataclasses.replace(
+            self.state, spawned_task_ids=(*self.state.spawned_task_ids, task.task_id)
+        )
+        if target is not self.state.state:
+            await self._change(Event.SPAWN)
+        scope = anyio.CancelScope()
+        self._running_tasks[task.task_id] = scope
+        task_group = self._task_group
+
+        async def launch() -> None:
+            self.bus.publish(
+                EventKind.TASK_SPAWNED,
+                supervisor_id=str(self.id),
+                task_id=str(task.task_id),
+                name=task.name,
+                command=list(task.command),
+            )
+            task_group.start_soon(self._run_task, created, scope)
+
+        return {"task_id": str(task.task_id)}, launch
+
+    async def _on_wait_tasks(self) -> tuple[dict[str, Any], AfterAck]:
+        if not self._running_tasks:
+            return {}, self._send_tasks_done
+        self._waiting_for_tasks = True
+        if self.state.state is not SupervisorStateEnum.WAITING_FOR_TASKS:
+            await self._change(Event.WAIT_TASKS)
+        return {"running": [str(t) for t in self._running_tasks]}, None
+
+    async def _send_tasks_done(self) -> None:
+        await self._reply(tasks_done_message())
+
+    async def _finish(self) -> None:
+        """After done/fail: stop leftover tasks and let the agent exit."""
+        for scope in self._running_tasks.values():
+            scope.cancel()
+        if self.agent is not None:
+            await self.agent.close_stdin()
+
+    # ----------------------------------------------------------------- tasks
+
+    async def _run_task(self, task: TaskRecord, scope: anyio.CancelScope) -> None:
+        outcome: TaskOutcome | None = None
+        try:
+            await self.db.save(
+                lambda pool: repo.mark_task_running(pool, task.task_id), "task_start"
+            )
+            with scope:
+                outcome = await run_task(
+                    task.command, cwd=task.cwd, env=task.env, task_id=str(task.task_id)
+                )
+        finally:
+            if outcome is None:
+                # Cancelled: by the person (cancelled) or because the agent or daemon stopped.
+                status = (
+                    TaskStatus.CANCELLED
+                    if self._stop_reason is StopReason.CANCEL or self.state.state.is_terminal
+                    else TaskStatus.INTERRUPTED
+                )
+                outcome = TaskOutcome(status, None, "")
+            with anyio.CancelScope(shield=True):
+                await self._task_finished(task, outcome)
+
+    async def _task_finished(self, task: TaskRecord, outcome: TaskOutcome) -> None:
+        finished = await self._save(
+            SavePoint.TASK_FINISHED,
+            lambda pool: repo.finish_task(
+                pool, task.task_id, outcome.status, outcome.exit_code, outcome.output_tail
+            ),
+        )
+        log.info(
+            "task.finished",
+            supervisor_id=str(self.id),
+            task_id=str(task.task_id),
+            status=outcome.status.value,
+            exit_code=outcome.exit_code,
+        )
+        if finished is not None:
+            await self._reply(
+                task_finished_message(
+                    str(task.task_id), outcome.status.value, outcome.exit_code, outcome.output_tail
+                )
+            )
+            self.bus.publish(
+                EventKind.TASK_FINISHED,
+                supervisor_id=str(self.id),
+                task_id=str(task.task_id),
+                name=task.name,
+                status=outcome.status.value,
+                exit_code=outcome.exit_code,
+            )
+        # Under the lock, so a concurrent wait_tasks either sees this task
+        # running (and is answered here) or sees it gone (and answers itself).
+        async with self._lock:
+            self._running_tasks.pop(task.task_id, None)
+            all_done = self._waiting_for_tasks and not self._running_tasks
+            if all_done:
+                self._waiting_for_tasks = False
+                if self.state.state is SupervisorStateEnum.WAITING_FOR_TASKS:
+                    await self._change(Event.TASKS_DONE)
+        if all_done:
+            await self._send_tasks_done()
+
+    # ----------------------------------------------------------------- answers
+
+    async def answer(self, question_id: uuid.UUID, answer: str, uid: int | None) -> QuestionRecord:
+        """Persist a person's answer (moving out of waiting_for_user when it was the
+        last open question). Delivery to the agent is :meth:`deliver_answer`."""
+        async with self._lock:
+            old = self.state
+            remaining = tuple(q for q in old.pending_questions if q.id != question_id)
+            target: SupervisorStateEnum | None = None
+            if not remaining and is_allowed(old.state, Event.ANSWERED):
+                target = transition(old.state, Event.ANSWERED)
+            record = await self._save(
+                SavePoint.ANSWER,
+                lambda pool: repo.answer_question(pool, question_id, answer, uid, state=target),
+            )
+            self.state = dataclasses.replace(
+                old, pending_questions=remaining, state=target or old.state
+            )
+        log.info("question.answered", supervisor_id=str(self.id), question_id=str(question_id))
+        self.bus.publish(
+            EventKind.QUESTION_ANSWERED,
+            **question_event_fields(record, self.id),
+            answer=record.answer,
+            answered_at=record.answered_at.isoformat() if record.answered_at else None,
+        )
+        self._announce_state(old.state)
+        return record
+
+    async def deliver_answer(self, record: QuestionRecord) -> bool:
+        """Send an answer to the running agent and record that it has it."""
+        if record.answer is None or self.agent is None:
+            return False
+        if not await self.agent.send(answer_message(str(record.question_id), record.answer)):
+            return False
+        await self.db.save(
+            lambda pool: repo.mark_answer_delivered(pool, record.question_id), "answer_delivered"
+        )
+        return True

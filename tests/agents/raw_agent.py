@@ -1,0 +1,77 @@
+"""A test agent that writes makima-agent/1 by hand, following a JSON plan.
+
+    python raw_agent.py PLAN_JSON LOG_PATH
+
+PLAN_JSON: {"steps": [...], "resume": [...]} where each step is one of
+  {"send": {...message...}, "await": "ack" | "answer" | "task_finished" | "tasks_done" | null}
+  {"raw": "text to write as one line", "await": "error" | null}
+  {"exit": CODE}                      exit at once with CODE
+  {"wait_eof": true}                  wait until stdin closes, then exit 0
+"resume" steps run instead of "steps" when the start message carries a restoration.
+Every line received is appended to LOG_PATH as it arrives (one JSON per line),
+with {"type": "_started"} first, so tests can read what the agent saw.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def main() -> int:
+    plan = json.loads(sys.argv[1])
+    log = open(sys.argv[2], "a", encoding="utf-8")  # noqa: SIM115
+
+    def record(obj: Any) -> None:
+        log.write(json.dumps(obj) + "\n")
+        log.flush()
+
+    def receive() -> dict[str, Any] | None:
+        line = sys.stdin.readline()
+        if not line:
+            return None
+        message = json.loads(line)
+        record(message)
+        return message
+
+    def send_line(text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    record({"type": "_started"})
+    start = receive()
+    if start is None:
+        return 3
+    steps = plan["resume"] if start.get("restoration") and "resume" in plan else plan["steps"]
+    answers = [a for a in ((start.get("restoration") or {}).get("undelivered_answers") or [])]
+    for step in steps:
+        if "exit" in step:
+            return int(step["exit"])
+        if step.get("wait_eof"):
+            while receive() is not None:
+                pass
+            return 0
+        if "send" in step:
+            send_line(json.dumps(step["send"]))
+        elif "raw" in step:
+            send_line(step["raw"])
+        wanted = step.get("await")
+        if wanted == "answer" and answers:
+            answers.pop(0)
+            continue
+        while wanted:
+            message = receive()
+            if message is None:
+                return 4
+            if message["type"] == wanted:
+                break
+            if message["type"] == "cancel":
+                return 0
+    while receive() is not None:  # wait for stdin to close: never outlive the daemon
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

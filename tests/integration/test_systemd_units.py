@@ -1,0 +1,180 @@
+"""The unit files in systemd/: valid for systemd, hardened, consistent with each other."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = ROOT / "systemd"
+MAX_EXPOSURE = 2.0
+
+ANALYZE = shutil.which("systemd-analyze")
+SYSUSERS = shutil.which("systemd-sysusers")
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not found")
+
+
+def _tool_env() -> dict[str, str]:
+    """Deterministic output: default log level (warnings shown), no colour, no pager."""
+    env = dict(os.environ)
+    env.update(SYSTEMD_LOG_LEVEL="info", SYSTEMD_LOG_COLOR="0", SYSTEMD_PAGER="", LC_ALL="C")
+    return env
+
+
+def _makima_script() -> Path:
+    found = shutil.which("makima")
+    script = Path(found) if found else Path(sys.executable).parent / "makima"
+    assert script.is_file() and os.access(script, os.X_OK), f"no makima console script: {script}"
+    return script
+
+
+def _directives(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Section → (key, value) pairs in order (unit files repeat keys)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+            sections.setdefault(current, [])
+            continue
+        key, _, value = line.partition("=")
+        sections[current].append((key.strip(), value.strip()))
+    return sections
+
+
+def _one(path: Path, section: str, key: str) -> str:
+    values = [v for k, v in _directives(path).get(section, []) if k == key]
+    assert len(values) == 1, f"{path.name} [{section}] {key}= appears {len(values)} times"
+    return values[0]
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Path:
+    """The units copied aside, ExecStart= pointing at the real makima console script."""
+    for name in ("makima.service", "makima.socket"):
+        shutil.copy(UNITS / name, tmp_path / name)
+    service = tmp_path / "makima.service"
+    text = service.read_text()
+    text, replaced = re.subn(
+        r"^ExecStart=\S+", f"ExecStart={_makima_script()}", text, flags=re.MULTILINE
+    )
+    assert replaced == 1
+    service.write_text(text)
+    return tmp_path
+
+
+def _verify(*units: Path) -> subprocess.CompletedProcess[str]:
+    assert ANALYZE is not None
+    return subprocess.run(
+        [ANALYZE, "verify", "--man=no", *map(str, units)],
+        capture_output=True,
+        text=True,
+        env=_tool_env(),
+        check=False,
+        timeout=60,
+    )
+
+
+@needs_analyze
+def test_units_verify_cleanly(installed: Path) -> None:
+    result = _verify(installed / "makima.service", installed / "makima.socket")
+    assert result.stderr == ""
+    assert result.returncode == 0
+
+
+@needs_analyze
+def test_verify_would_notice_a_broken_unit(installed: Path) -> None:
+    """The check above can fail: a bad key and a missing binary are reported."""
+    service = installed / "makima.service"
+    text = re.sub(
+        r"^\[Service\]$", "[Service]\nNoSuchSetting=1", service.read_text(), flags=re.MULTILINE
+    )
+    text = re.sub(r"^ExecStart=\S+", "ExecStart=/nonexistent/makima", text, flags=re.MULTILINE)
+    service.write_text(text)
+    result = _verify(service, installed / "makima.socket")
+    assert result.returncode != 0
+    assert "NoSuchSetting" in result.stderr
+    assert "/nonexistent/makima" in result.stderr
+
+
+@needs_analyze
+def test_service_exposure_is_low(installed: Path) -> None:
+    assert ANALYZE is not None
+    result = subprocess.run(
+        [ANALYZE, "security", "--offline=true", str(installed / "makima.service")],
+        capture_output=True,
+        text=True,
+        env=_tool_env(),
+        check=False,
+        timeout=60,
+    )
+    match = re.search(r"Overall exposure level for makima\.service: (\d+(?:\.\d+)?)", result.stdout)
+    assert match is not None, result.stdout + result.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+def test_service_contract() -> None:
+    service = UNITS / "makima.service"
+    assert _one(service, "Service", "Type") == "notify"
+    assert _one(service, "Service", "NotifyAccess") == "main"
+    assert _one(service, "Service", "ExecStart").split()[1:] == ["daemon"]
+    assert _one(service, "Service", "Restart") == "on-failure"
+    assert _one(service, "Service", "KillMode") == "mixed"
+    assert _one(service, "Service", "WatchdogSec")
+    assert _one(service, "Service", "TimeoutStopSec")
+    assert _one(service, "Service", "User") == "makima"
+    assert _one(service, "Service", "Group") == "makima"
+    assert _one(service, "Service", "StateDirectory") == "makima"
+    assert _one(service, "Service", "StateDirectoryMode") == "0700"
+    assert _one(service, "Service", "RuntimeDirectory") == "makima"
+    assert _one(service, "Unit", "Requires") == "makima.socket"
+    assert "makima.socket" in _one(service, "Unit", "After").split()
+
+
+def test_socket_contract() -> None:
+    sock = UNITS / "makima.socket"
+    listen = _one(sock, "Socket", "ListenStream")
+    assert listen == "/run/makima.sock"
+    # Not inside the service's RuntimeDirectory, which goes away when the service stops.
+    runtime = "/run/" + _one(UNITS / "makima.service", "Service", "RuntimeDirectory")
+    assert not listen.startswith(runtime + "/")
+    assert _one(sock, "Socket", "SocketMode") == "0660"
+    assert _one(sock, "Socket", "SocketGroup") == "makima"
+    assert _one(sock, "Socket", "RemoveOnStop") == "yes"
+
+
+@pytest.mark.skipif(SYSUSERS is None, reason="systemd-sysusers not found")
+@pytest.mark.skipif(os.geteuid() != 0, reason="systemd-sysusers --root writes root-owned files")
+def test_sysusers_creates_the_account(tmp_path: Path) -> None:
+    assert SYSUSERS is not None
+    (tmp_path / "etc").mkdir()
+    subprocess.run(
+        [SYSUSERS, f"--root={tmp_path}", str(UNITS / "makima.sysusers")],
+        capture_output=True,
+        text=True,
+        env=_tool_env(),
+        check=True,
+        timeout=60,
+    )
+    passwd = {
+        line.split(":")[0]: line.split(":")
+        for line in (tmp_path / "etc/passwd").read_text().splitlines()
+    }
+    groups = {
+        line.split(":")[0]: line.split(":")
+        for line in (tmp_path / "etc/group").read_text().splitlines()
+    }
+    user = passwd["makima"]
+    assert int(user[2]) < 1000  # a system account
+    assert user[3] == groups["makima"][2]  # primary group makima
+    assert user[5] == "/var/lib/makima"  # the StateDirectory
+    assert user[6].endswith("nologin")
