@@ -19,6 +19,7 @@ import anyio
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from makima import __version__
 from makima.config import DaemonConfig, client_socket_path
@@ -104,6 +105,11 @@ async def resolve_id(client: ControlClient, text: str, kind: str) -> str:
 
 def short(value: str | None) -> str:
     return (value or "")[:8]
+
+
+def cell(value: object) -> Text:
+    """A table cell shown as it is: names, questions and activities are data, not markup."""
+    return Text("" if value is None else str(value))
 
 
 # --------------------------------------------------------------------------- group
@@ -236,13 +242,13 @@ def list_command(show_all: bool, as_json: bool, socket_path: Path | None) -> Non
     for r in rows:
         table.add_row(
             short(r["supervisor_id"]),
-            r["name"],
+            cell(r["name"]),
             r["state"],
-            r["phase"] or "",
+            cell(r["phase"]),
             f"{r['progress']}%",
             str(r["pending_questions"]),
             str(r["restoration_count"]),
-            r["current_activity"] or r.get("error_message") or "",
+            cell(r["current_activity"] or r.get("error_message")),
         )
     out.print(table)
 
@@ -278,8 +284,7 @@ def show(supervisor: str, as_json: bool, socket_path: Path | None) -> None:
         "last_heartbeat",
         "created_at",
     ):
-        value = body.get(key)
-        table.add_row(key, "" if value is None else str(value))
+        table.add_row(key, cell(body.get(key)))
     out.print(table)
     if body.get("pending_questions"):
         out.print("\nopen questions:")
@@ -290,7 +295,9 @@ def show(supervisor: str, as_json: bool, socket_path: Path | None) -> None:
         tasks = Table("task", "name", "status", "exit", "attempts")
         for t in body["tasks"]:
             code = "" if t["exit_code"] is None else str(t["exit_code"])
-            tasks.add_row(short(t["task_id"]), t["name"], t["status"], code, str(t["attempts"]))
+            tasks.add_row(
+                short(t["task_id"]), cell(t["name"]), t["status"], code, str(t["attempts"])
+            )
         out.print(tasks)
 
 
@@ -316,7 +323,8 @@ def resume(supervisor: str, as_json: bool, socket_path: Path | None) -> None:
         else f"{validation['action']}: " + "; ".join(validation["issues"])
     )
     out.print(
-        f"resumed {info['supervisor_id']} (restoration {info['restoration_count']}, {verdict})"
+        f"resumed {info['supervisor_id']} (restoration {info['restoration_count']}, {verdict})",
+        markup=False,
     )
     if info["redelivered_question_ids"]:
         out.print(f"re-delivered {len(info['redelivered_question_ids'])} open question(s)")
@@ -334,7 +342,7 @@ def cancel(supervisor: str, socket_path: Path | None) -> None:
         return await client.call("supervisor.cancel", {"supervisor_id": sid})
 
     result = run_client(socket_path, action)
-    err.print(f"cancelled {result['supervisor_id']}: {result['state']}")
+    err.print(f"cancelled {result['supervisor_id']}: {result['state']}", markup=False)
 
 
 @main.command()
@@ -360,8 +368,7 @@ def history(supervisor: str, limit: int | None, as_json: bool, socket_path: Path
         err.print("no messages")
     for m in result["messages"]:
         content = m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
-        out.print(f"[bold]{m['seq']:>4} {m['role']}[/bold]  ", end="")
-        out.print(content, markup=False, highlight=False)
+        out.print(Text.assemble((f"{m['seq']:>4} {m['role']}", "bold"), "  ", content))
 
 
 # --------------------------------------------------------------------------- questions
@@ -393,8 +400,8 @@ def questions(supervisor: str | None, as_json: bool, socket_path: Path | None) -
             short(q["question_id"]),
             short(q["supervisor_id"]),
             q["asked_at"][11:19],
-            q["question"],
-            " / ".join(q["choices"]) or "(free text)",
+            cell(q["question"]),
+            cell(" / ".join(q["choices"]) or "(free text)"),
         )
     out.print(table)
 
@@ -420,7 +427,7 @@ def answer(question: str, text: str | None, socket_path: Path | None) -> None:
         return await client.call("question.answer", {"question_id": qid, "answer": answer_text})
 
     result = run_client(socket_path, action, timeout=3600.0)
-    err.print(f"answered {result['question_id']}: {result['answer']}")
+    err.print(f"answered {result['question_id']}: {result['answer']}", markup=False)
 
 
 # --------------------------------------------------------------------------- watch, status
@@ -498,3 +505,100 @@ def demo(state_dir: Path | None, preset: str | None, timeout: float) -> None:
     except MakimaError as exc:
         fail(str(exc))
     sys.exit(code)
+
+
+@main.command()
+@click.option(
+    "--agents",
+    type=click.IntRange(1, 50),
+    default=4,
+    show_default=True,
+    help="Supervisors running at once.",
+)
+@click.option(
+    "--kills",
+    type=click.IntRange(0, 1000),
+    default=12,
+    show_default=True,
+    help="How many times the daemon is killed with SIGKILL.",
+)
+@click.option("--seed", type=int, help="Random seed (printed, to repeat a run).")
+@click.option("--database-url", help="Use this PostgreSQL instead of an embedded one.")
+@click.option(
+    "--scratch",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the drill's files here (default: a temporary directory).",
+)
+@json_option
+def drill(
+    agents: int,
+    kills: int,
+    seed: int | None,
+    database_url: str | None,
+    scratch: Path | None,
+    as_json: bool,
+) -> None:
+    """Crash-and-restart drill on a scratch state dir; exits 1 on any violation."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from makima import logs
+    from makima.drill import DrillProgress, DrillSettings, run_drill
+
+    logs.configure(level="warning")
+    settings = DrillSettings(
+        agents=agents, kills=kills, seed=seed, database_url=database_url, scratch=scratch
+    )
+    progress = Progress(
+        TextColumn("[bold]drill[/bold]"),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+        disable=as_json,
+    )
+    task = progress.add_task("starting", total=max(kills, 1))
+
+    def show(state: DrillProgress) -> None:
+        progress.update(
+            task,
+            completed=state.kills_done,
+            description=(
+                f"kills {state.kills_done}/{state.kills_planned} · supervisors "
+                f"{state.finished}/{state.created} done · {state.questions_answered} answers · "
+                f"{state.phase}"
+            ),
+        )
+
+    try:
+        with progress:
+            report = anyio.run(run_drill, settings, show)
+    except MakimaError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(
+            {
+                "ok": report.ok,
+                "seed": report.seed,
+                "kills_survived": report.kills_survived,
+                "supervisors": report.supervisors,
+                "questions": report.questions,
+                "answers": report.answers,
+                "tasks": report.tasks,
+                "seconds": round(report.seconds, 1),
+                "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in report.checks],
+            }
+        )
+    else:
+        table = Table("check", "result", "detail", title="makima drill")
+        for c in report.checks:
+            table.add_row(c.name, "[green]ok[/green]" if c.ok else "[red]VIOLATED[/red]", c.detail)
+        out.print(table)
+        out.print(
+            f"{report.kills_survived} kills survived, {report.supervisors} supervisors, "
+            f"{report.questions} questions, {report.answers} answers, {report.tasks} tasks "
+            f"in {report.seconds:.0f}s (seed {report.seed})"
+        )
+        if not report.ok:
+            out.print(f"files kept in {report.scratch}", markup=False)
+    sys.exit(0 if report.ok else EXIT_FAILURE)

@@ -358,8 +358,10 @@ class SupervisorSpec:
     def __post_init__(self) -> None:
         parse_uuid(self.supervisor_id, "supervisor_id")
         parse_text(self.name, "name", allow_empty=False)
-        parse_string_list(self.agent_command, "command", allow_empty=False)
-        if not self.agent_command[0]:
+        # A stored spec may lack a command (a database made by an older schema);
+        # restoration marks such a supervisor failed. New specs need one (new()).
+        parse_string_list(self.agent_command, "command")
+        if self.agent_command and not self.agent_command[0]:
             raise InvalidValueError("command must start with a program name; got ''")
         parse_text(self.goal, "goal")
         parse_optional_text(self.cwd, "cwd")

@@ -6,13 +6,14 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.text import Text
 
 err = Console(stderr=True, soft_wrap=True)
 
 
 def prompt_answer(question: dict[str, Any]) -> str:
     """Ask a person on the terminal (choices by number or text)."""
-    err.print(f"[bold]{question['question']}[/bold]")
+    err.print(Text(question["question"], style="bold"))  # the agent's words, not markup
     if question.get("context"):
         err.print(question["context"], markup=False, highlight=False)
     choices: list[str] = question.get("choices") or []

@@ -1142,6 +1142,21 @@ async def _finish(agent: Agent, result: object) -> int:
     return EXIT_OK
 
 
+TRACE_ENV = "MAKIMA_AGENT_TRACE"
+
+
+def _traced(feed: Callable[[bytes], None], path: str) -> Callable[[bytes], None]:
+    """Append every line from the daemon to ``path`` before handling it (for drills
+    and debugging: set MAKIMA_AGENT_TRACE in the agent's environment)."""
+    handle = open(path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the agent
+
+    def traced(line: bytes) -> None:
+        handle.write(line.rstrip(b"\r\n") + b"\n")
+        feed(line)
+
+    return traced
+
+
 async def arun(main: AgentMain, *, exit_grace: float = 3.0) -> int:
     """Run ``main`` as this process's agent on stdio; return the exit status.
 
@@ -1157,10 +1172,14 @@ async def arun(main: AgentMain, *, exit_grace: float = 3.0) -> int:
     watchdog = _Watchdog(exit_grace)
     agent = Agent(_FdWriter(stdio.out_fd))
     agent._on_stop = watchdog.arm
+    feed: Callable[[bytes], None] = agent.feed_line
+    trace_path = os.environ.get(TRACE_ENV)
+    if trace_path:
+        feed = _traced(feed, trace_path)
     reader = _StdinReader(
         stdio.in_fd,
         asyncio.get_running_loop(),
-        agent.feed_line,
+        feed,
         agent.feed_eof,
         lambda: watchdog.arm(EXIT_DAEMON_GONE, "stdin closed"),
     )

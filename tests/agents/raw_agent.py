@@ -7,9 +7,12 @@ PLAN_JSON: {"steps": [...], "resume": [...]} where each step is one of
   {"raw": "text to write as one line", "await": "error" | null}
   {"exit": CODE}                      exit at once with CODE
   {"wait_eof": true}                  wait until stdin closes, then exit 0
-"resume" steps run instead of "steps" when the start message carries a restoration.
+"resume" steps run instead of "steps" when the start message carries a restoration;
+"resume": "auto" waits for the answer to a still-open question (then runs the
+steps after the plan's first "answer" wait), or runs "steps" again from the start.
 Every line received is appended to LOG_PATH as it arrives (one JSON per line),
-with {"type": "_started"} first, so tests can read what the agent saw.
+with {"type": "_started"} first and {"type": "_sent", "message": ...} for each
+line sent, so tests can read what the agent saw and did.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main() -> int:
         return message
 
     def send_line(text: str) -> None:
+        record({"type": "_sent", "message": text})
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
@@ -43,8 +47,15 @@ def main() -> int:
     start = receive()
     if start is None:
         return 3
-    steps = plan["resume"] if start.get("restoration") and "resume" in plan else plan["steps"]
-    answers = [a for a in ((start.get("restoration") or {}).get("undelivered_answers") or [])]
+    restoration = start.get("restoration") or {}
+    answers = list(restoration.get("undelivered_answers") or [])
+    steps = plan["steps"]
+    if restoration and plan.get("resume") == "auto":
+        if restoration.get("pending_questions") or answers:
+            first_wait = next(i for i, s in enumerate(steps) if s.get("await") == "answer")
+            steps = [{"await": "answer"}, *steps[first_wait + 1 :]]
+    elif restoration and "resume" in plan:
+        steps = plan["resume"]
     for step in steps:
         if "exit" in step:
             return int(step["exit"])
