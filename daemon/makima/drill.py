@@ -182,8 +182,8 @@ class DaemonRunner:
 
 @dataclass(frozen=True, slots=True)
 class DrillSettings:
-    agents: int = 4  # supervisors running at once
-    kills: int = 12
+    agents: int = 6  # supervisors running at once
+    kills: int = 100
     seed: int | None = None
     database_url: str | None = None  # None: the embedded database in the scratch dir
     scratch: Path | None = None  # None: a new temporary directory, removed when all passed

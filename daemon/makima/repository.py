@@ -239,7 +239,13 @@ async def remove_supervisor_pending_question(
 
 
 async def save_supervisor_state_full(db: Db, state: SupervisorState) -> int:
-    """UPSERT every mutable column of a state. Returns the new version."""
+    """UPSERT a whole state. Returns the new version.
+
+    On an existing row the restoration bookkeeping (restoration_count,
+    last_restored_at, restoration_source) is left alone: only
+    :func:`mark_supervisor_restored` writes it, once per restoration, so a
+    state reverted to an older checkpoint never moves the count backwards.
+    """
     value = await db.fetchval(
         "INSERT INTO supervisor_states AS st (supervisor_id, state, phase, current_activity, "
         "progress, error_message, spawned_task_ids, pending_questions, restoration_count, "
@@ -251,9 +257,6 @@ async def save_supervisor_state_full(db: Db, state: SupervisorState) -> int:
         "progress = EXCLUDED.progress, error_message = EXCLUDED.error_message, "
         "spawned_task_ids = EXCLUDED.spawned_task_ids, "
         "pending_questions = EXCLUDED.pending_questions, "
-        "restoration_count = EXCLUDED.restoration_count, "
-        "last_restored_at = EXCLUDED.last_restored_at, "
-        "restoration_source = EXCLUDED.restoration_source, "
         "checkpoint_data = EXCLUDED.checkpoint_data, "
         "last_heartbeat = EXCLUDED.last_heartbeat, "
         "owner_daemon_id = EXCLUDED.owner_daemon_id, lease_epoch = EXCLUDED.lease_epoch, "

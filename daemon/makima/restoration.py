@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import structlog
 
 from makima import repository as repo
@@ -46,6 +47,7 @@ from makima.model import (
     SupervisorStateEnum as S,
 )
 from makima.supervisor import Supervisor, question_event_fields
+from makima.tasks import stop_orphaned_tasks
 from makima.validation import (
     LoadedSupervisor,
     fresh_state,
@@ -221,6 +223,8 @@ async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSour
     # Step 8: tasks that were running when the agent or daemon stopped.
     unfinished = [t for t in result.tasks if not t.status.is_finished]
     if unfinished:
+        # A crashed daemon left these processes running: stop them first.
+        await anyio.to_thread.run_sync(stop_orphaned_tasks, {str(t.task_id) for t in unfinished})
         if daemon.config.task_restart_policy == TaskRestartPolicy.RERUN.value:
             result.rerun = unfinished
         else:

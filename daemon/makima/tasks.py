@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from makima.model import TaskStatus
 
 log = structlog.get_logger("makima.tasks")
 
+TASK_ID_ENV = "MAKIMA_TASK_ID"
 TAIL_LINES = 40
 TAIL_BYTES = 8 * 1024
 
@@ -75,6 +77,7 @@ async def run_task(
     cancellation propagates (the caller records ``cancelled``/``interrupted``)."""
     full_env = dict(os.environ)
     full_env.update(env)
+    full_env[TASK_ID_ENV] = task_id  # lets a later daemon find it after a crash
     for inherited in (
         "LISTEN_FDS",
         "LISTEN_PID",
@@ -123,3 +126,66 @@ async def _stop_group(process: anyio.abc.Process, grace: float) -> None:
         with anyio.move_on_after(grace):
             await process.wait()
             return
+
+
+def task_id_of(environ: bytes) -> str | None:
+    """The MAKIMA_TASK_ID in a /proc/PID/environ blob (pure)."""
+    prefix = TASK_ID_ENV.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace")
+    return None
+
+
+def find_task_processes(task_ids: set[str], proc: str = "/proc") -> dict[str, list[int]]:
+    """Live processes started for these tasks (by an earlier daemon that crashed)."""
+    found: dict[str, list[int]] = {}
+    if not task_ids:
+        return found
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"{entry.path}/environ", "rb") as handle:
+                task_id = task_id_of(handle.read())
+        except OSError:
+            continue
+        if task_id in task_ids:
+            found.setdefault(task_id, []).append(int(entry.name))
+    return found
+
+
+def stop_orphaned_tasks(task_ids: set[str], grace: float = 3.0) -> dict[str, list[int]]:
+    """Stop what is left of these tasks' processes (blocking; run in a thread).
+
+    A daemon killed with SIGKILL cannot stop its tasks, which run in process
+    groups of their own; the next daemon does it before it marks them
+    interrupted or runs them again.
+    """
+    found = find_task_processes(task_ids)
+    pids = [pid for group in found.values() for pid in group]
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        alive = [pid for pid in pids if _alive(pid)]
+        if not alive:
+            break
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getpgid(pid) == pid:  # a task leads its own process group
+                    os.killpg(pid, signum)
+                else:
+                    os.kill(pid, signum)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(pid) for pid in alive):
+            time.sleep(0.02)
+    if found:
+        log.warning("task.orphans_stopped", tasks=sorted(found), pids=sorted(pids))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"

@@ -43,11 +43,11 @@ class LoadedSupervisor:
 
 def task_consistency(state: SupervisorState, tasks: Sequence[TaskRecord]) -> SpawnedTaskConsistency:
     """In-memory twin of ``repository.validate_spawned_tasks``."""
-    listed = list(dict.fromkeys(state.spawned_task_ids))
+    listed = dict.fromkeys(state.spawned_task_ids)  # ordered and O(1) to look up
     present = {t.task_id for t in tasks}
     return SpawnedTaskConsistency(
         missing_task_rows=tuple(sorted((t for t in listed if t not in present), key=str)),
-        unlisted_task_ids=tuple(sorted((t for t in present if t not in set(listed)), key=str)),
+        unlisted_task_ids=tuple(sorted((t for t in present if t not in listed), key=str)),
     )
 
 
@@ -147,9 +147,10 @@ def repair_state(
             continue
         seen.add(question.id)
         pending.append(question)
+    # Listed ids that have a row, in their order, then the unlisted rows (linear).
     present = {t.task_id for t in tasks}
-    listed = [t for t in dict.fromkeys(state.spawned_task_ids) if t in present]
-    listed += [t.task_id for t in tasks if t.task_id not in set(listed)]
+    listed = dict.fromkeys(t for t in state.spawned_task_ids if t in present)
+    listed.update(dict.fromkeys(t.task_id for t in tasks))
     repaired = dataclasses.replace(
         state,
         progress=min(100, max(0, state.progress)),

@@ -173,12 +173,16 @@ async def test_save_supervisor_state_full_upserts(pool: asyncpg.Pool) -> None:
     assert loaded.state is S.WAITING_FOR_USER
     assert loaded.pending_questions == (q,)
     assert loaded.checkpoint_data == {"cursor": 7}
-    assert loaded.restoration_source is RestorationSource.MANUAL
+    # the restoration bookkeeping is mark_supervisor_restored's alone
+    assert (loaded.restoration_count, loaded.restoration_source) == (0, None)
     # insert path of the UPSERT: a spec whose state row is gone
     await pool.execute("DELETE FROM supervisor_states WHERE supervisor_id = $1", sid)
     assert await repo.get_specs_without_state(pool) != []
     assert await repo.save_supervisor_state_full(pool, full) == 1
     assert await repo.get_specs_without_state(pool) == []
+    inserted = await repo.get_supervisor_state_for_restoration(pool, sid)
+    assert inserted is not None and inserted.restoration_count == 2  # a new row takes it all
+    assert inserted.restoration_source is RestorationSource.MANUAL
 
 
 async def test_mark_supervisor_restored(pool: asyncpg.Pool) -> None:

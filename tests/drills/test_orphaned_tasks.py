@@ -1,0 +1,82 @@
+"""After a SIGKILL the daemon cannot stop its tasks; the next one finds them
+(by MAKIMA_TASK_ID), stops them, then re-runs them or marks them interrupted."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import anyio
+import pytest
+
+from makima import repository as repo
+from makima.control.client import ControlClient
+from makima.database import create_pool
+from makima.embedded import ConnectParams
+from makima.tasks import find_task_processes, task_id_of
+from tests.harness import DEADLINE, Relay
+from tests.process import daemon_process
+
+pytestmark = [pytest.mark.anyio, pytest.mark.drill]
+
+
+def test_task_id_of() -> None:
+    assert task_id_of(b"A=1\0MAKIMA_TASK_ID=abc\0B=2\0") == "abc"
+    assert task_id_of(b"A=1\0") is None
+
+
+@pytest.mark.parametrize("policy", ["interrupt", "rerun"])
+async def test_running_task_after_sigkill(
+    policy: str, db_params: ConnectParams, short_tmp: Path, relay: Relay
+) -> None:
+    async with daemon_process(short_tmp, db_params) as proc:
+        await proc.start(args=["--task-restart-policy", policy])
+        async with ControlClient.connect(proc.socket_path, timeout=DEADLINE) as client:
+            created = await client.call(
+                "supervisor.create", {"name": policy, "command": relay.command}
+            )
+            agent = await relay.accept()
+            await agent.expect("start")
+            task_id = (
+                await agent.request({"type": "spawn", "name": "long", "command": ["sleep", "300"]})
+            )["task_id"]
+            await agent.request({"type": "wait_tasks"})
+        with anyio.fail_after(DEADLINE):
+            while not find_task_processes({task_id}):
+                await anyio.wait_all_tasks_blocked()
+        (orphan,) = find_task_processes({task_id})[task_id]
+        assert await proc.kill() == -9
+        assert await agent.receive() is None
+        assert find_task_processes({task_id}) == {task_id: [orphan]}  # it outlived the daemon
+
+        await proc.start(args=["--task-restart-policy", policy])
+        agent = await relay.accept()
+        restoration = (await agent.expect("start"))["restoration"]
+        assert orphan not in find_task_processes({task_id}).get(task_id, [])  # stopped
+        (listed,) = restoration["tasks"]
+        if policy == "rerun":
+            assert restoration["state"] == "waiting_for_tasks"
+            with anyio.fail_after(DEADLINE):
+                while not find_task_processes({task_id}):
+                    await anyio.wait_all_tasks_blocked()
+            assert listed["status"] == "running"
+        else:
+            assert listed["status"] == "interrupted"
+            assert restoration["state"] == "working"
+            assert "Interrupted tasks did not finish" in restoration["context_message"]
+        await agent.request({"type": "done"})
+        assert await agent.receive() is None
+        await proc.terminate()
+    assert find_task_processes({task_id}) == {}
+    pool = await create_pool(db_params, min_size=1, max_size=1)
+    try:
+        task = await repo.get_task(pool, uuid.UUID(task_id))
+        assert task is not None
+        assert task.attempts == (2 if policy == "rerun" else 1)
+        assert task.status.value == ("cancelled" if policy == "rerun" else "interrupted")
+        state = await repo.get_supervisor_state_for_restoration(
+            pool, uuid.UUID(created["supervisor_id"])
+        )
+        assert state is not None and state.state.value == "completed"
+    finally:
+        await pool.close()
