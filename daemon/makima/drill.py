@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,32 +55,37 @@ class DrillError(MakimaError):
 class NotifyListener:
     """A datagram socket standing in for systemd's notification socket."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sock: anyio.abc.UNIXDatagramSocket) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setblocking(False)
+        self.sock = sock
         self.messages: list[str] = []
 
+    @classmethod
+    async def bind(cls, path: Path) -> NotifyListener:
+        await anyio.Path(path).unlink(missing_ok=True)
+        return cls(path, await anyio.create_unix_datagram_socket(local_path=path))
+
     async def wait_for(self, field_line: str, limit: float = READY_TIMEOUT) -> None:
+        """Read notifications until one carries ``field_line`` (e.g. READY=1)."""
         with anyio.fail_after(limit):
             while True:
-                await anyio.wait_readable(self.sock)
-                data = self.sock.recv(65536).decode()
-                self.messages.append(data)
-                if field_line in data.split("\n"):
+                data, _ = await self.sock.receive()
+                self.messages.append(data.decode())
+                if field_line in data.decode().split("\n"):
                     return
 
     def drain(self) -> list[str]:
+        """Everything sent since the last read (call when nothing else reads)."""
+        raw = self.sock.extra(anyio.abc.SocketAttribute.raw_socket)  # noqa: S610
         while True:
             try:
-                self.messages.append(self.sock.recv(65536).decode())
+                self.messages.append(raw.recv(65536).decode())
             except BlockingIOError:
                 return self.messages
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         self.drain()
-        self.sock.close()
+        await self.sock.aclose()
         with contextlib.suppress(OSError):
             self.path.unlink()
 
@@ -123,26 +127,19 @@ class DaemonRunner:
         env.update(extra or {})
         return env
 
-    async def start(self, extra_env: Mapping[str, str] | None = None) -> None:
+    async def start(
+        self, extra_env: Mapping[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
         """Start and wait for READY=1."""
         self.starts += 1
         notify_path = self.socket_path.with_name(f"n{self.starts}-{os.getpid()}.sock")
-        with contextlib.suppress(OSError):
-            notify_path.unlink()
-        self.notify = NotifyListener(notify_path)
+        self.notify = await NotifyListener.bind(notify_path)
         env = self.environment(extra_env)
         env["NOTIFY_SOCKET"] = str(notify_path)
+        command = [sys.executable, "-m", "makima", "daemon", "--heartbeat-interval", "0.5"]
         with self.log_path.open("ab") as log:
             self.process = await anyio.open_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "makima",
-                    "daemon",
-                    "--heartbeat-interval",
-                    "0.5",
-                    *self.args,
-                ],
+                [*command, *self.args, *(args or [])],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -159,7 +156,7 @@ class DaemonRunner:
             code = await self.process.wait()
         await self.process.aclose()
         if self.notify is not None:
-            self.notify.close()
+            await self.notify.aclose()
         return code
 
     async def kill(self) -> int:
