@@ -8,6 +8,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -82,46 +83,40 @@ def pg_server(short_tmp: Path) -> Iterator[ConnectParams]:
         server.stop()
 
 
-@pytest.fixture
-async def fresh_database(pg_server: ConnectParams) -> AsyncIterator[ConnectParams]:
-    """A new, empty database (no schema) dropped after the test."""
+@asynccontextmanager
+async def scratch_database(
+    server: ConnectParams, template: str | None
+) -> AsyncIterator[ConnectParams]:
+    """A new database (empty, or cloned from ``template``), dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(**pg_server.asyncpg_kwargs(database="postgres"))
+    clone = f" TEMPLATE {template} STRATEGY FILE_COPY" if template else ""
+    admin = await asyncpg.connect(**server.asyncpg_kwargs(database="postgres"))
     try:
-        await admin.execute(f"CREATE DATABASE {name}")
+        await admin.execute(f"CREATE DATABASE {name}{clone}")
     finally:
         await admin.close()
     try:
-        yield ConnectParams(
-            pg_server.host, pg_server.port, pg_server.user, pg_server.password, name
-        )
+        yield ConnectParams(server.host, server.port, server.user, server.password, name)
     finally:
-        admin = await asyncpg.connect(**pg_server.asyncpg_kwargs(database="postgres"))
+        admin = await asyncpg.connect(**server.asyncpg_kwargs(database="postgres"))
         try:
             await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         finally:
             await admin.close()
+
+
+@pytest.fixture
+async def fresh_database(pg_server: ConnectParams) -> AsyncIterator[ConnectParams]:
+    """A new, empty database (no schema) dropped after the test."""
+    async with scratch_database(pg_server, None) as params:
+        yield params
 
 
 @pytest.fixture
 async def db_params(pg_server: ConnectParams) -> AsyncIterator[ConnectParams]:
     """A database cloned from the schema template, dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(**pg_server.asyncpg_kwargs(database="postgres"))
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE} STRATEGY FILE_COPY")
-    finally:
-        await admin.close()
-    try:
-        yield ConnectParams(
-            pg_server.host, pg_server.port, pg_server.user, pg_server.password, name
-        )
-    finally:
-        admin = await asyncpg.connect(**pg_server.asyncpg_kwargs(database="postgres"))
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await admin.close()
+    async with scratch_database(pg_server, TEMPLATE) as params:
+        yield params
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from makima.childenv import child_environment
 from makima.errors import InvalidValueError, MakimaError
 from makima.lines import MAX_LINE, LineBuffer, TooLong
 from makima.model import (
@@ -297,20 +298,10 @@ class AgentProcess:
         cwd: str | None,
         env: Mapping[str, str],
     ) -> AgentProcess:
-        full_env = dict(os.environ)
-        full_env.update(env)
-        full_env["MAKIMA_SUPERVISOR_ID"] = supervisor_id
-        full_env["MAKIMA_PROTOCOL"] = str(PROTOCOL_VERSION)
-        for inherited in (
-            "LISTEN_FDS",
-            "LISTEN_PID",
-            "LISTEN_FDNAMES",
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "MAKIMA_FAULT",
-        ):
-            full_env.pop(inherited, None)
+        full_env = child_environment(
+            env,
+            {"MAKIMA_SUPERVISOR_ID": supervisor_id, "MAKIMA_PROTOCOL": str(PROTOCOL_VERSION)},
+        )
         process = await anyio.open_process(
             list(command),
             stdin=-1,

@@ -13,9 +13,9 @@ changes (no read-modify-write in Python). Every write to
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -61,10 +61,23 @@ _STATE = ", ".join(f"st.{c}" for c in _STATE_COLUMNS)
 _SPEC = "sp.supervisor_id, sp.name, sp.goal, sp.agent_command, sp.cwd, sp.env, sp.created_at"
 _UNFINISHED = [s.value for s in sorted(UNFINISHED_STATES)]
 _BUMP = "version = version + 1, updated_at = now()"
+R = TypeVar("R")
 
 
 def _state(row: asyncpg.Record | None) -> SupervisorState | None:
     return None if row is None else SupervisorState.from_row(row)
+
+
+def _by_supervisor(
+    supervisor_ids: Sequence[uuid.UUID],
+    rows: Sequence[asyncpg.Record],
+    build: Callable[[asyncpg.Record], R],
+) -> dict[uuid.UUID, list[R]]:
+    """Rows grouped by their supervisor_id (every id present, maybe empty)."""
+    out: dict[uuid.UUID, list[R]] = {i: [] for i in supervisor_ids}
+    for row in rows:
+        out.setdefault(row["supervisor_id"], []).append(build(row))
+    return out
 
 
 def _split(row: asyncpg.Record) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -376,10 +389,7 @@ async def get_tasks_for_supervisors(
         "ORDER BY created_at, task_id",
         list(supervisor_ids),
     )
-    out: dict[uuid.UUID, list[TaskRecord]] = {i: [] for i in supervisor_ids}
-    for r in rows:
-        out.setdefault(r["supervisor_id"], []).append(TaskRecord.from_row(r))
-    return out
+    return _by_supervisor(supervisor_ids, rows, TaskRecord.from_row)
 
 
 async def get_questions_for_supervisors(
@@ -390,10 +400,7 @@ async def get_questions_for_supervisors(
         "ORDER BY asked_at, question_id",
         list(supervisor_ids),
     )
-    out: dict[uuid.UUID, list[QuestionRecord]] = {i: [] for i in supervisor_ids}
-    for r in rows:
-        out.setdefault(r["supervisor_id"], []).append(QuestionRecord.from_row(r))
-    return out
+    return _by_supervisor(supervisor_ids, rows, QuestionRecord.from_row)
 
 
 async def get_checkpointed_supervisors(

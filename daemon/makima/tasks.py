@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from makima.childenv import child_environment
 from makima.model import TaskStatus
 
 log = structlog.get_logger("makima.tasks")
@@ -75,19 +76,8 @@ async def run_task(
 ) -> TaskOutcome:
     """Run to completion. On cancellation the process group is stopped and the
     cancellation propagates (the caller records ``cancelled``/``interrupted``)."""
-    full_env = dict(os.environ)
-    full_env.update(env)
-    full_env[TASK_ID_ENV] = task_id  # lets a later daemon find it after a crash
-    for inherited in (
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "LISTEN_FDNAMES",
-        "NOTIFY_SOCKET",
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-        "MAKIMA_FAULT",
-    ):
-        full_env.pop(inherited, None)
+    # MAKIMA_TASK_ID lets a later daemon find the process after a crash.
+    full_env = child_environment(env, {TASK_ID_ENV: task_id})
     tail = OutputTail()
     try:
         process = await anyio.open_process(
