@@ -24,11 +24,13 @@ from rich.text import Text
 from makima import __version__
 from makima.config import DaemonConfig, client_socket_path
 from makima.control.client import ControlClient, DaemonNotRunningError, RemoteError
+from makima.drill import DrillSettings
 from makima.errors import MakimaError
 from makima.prompt import prompt_answer
 
 T = TypeVar("T")
 
+DRILL_DEFAULTS = DrillSettings()
 EXIT_FAILURE = 1
 EXIT_NO_DAEMON = 3
 
@@ -414,19 +416,28 @@ def answer(question: str, text: str | None, socket_path: Path | None) -> None:
     """Answer a question (id or unique prefix). Without TEXT, prompts on a terminal."""
     if text is None and not sys.stdin.isatty():
         raise click.UsageError("give the answer TEXT (stdin is not a terminal to prompt on)")
-
-    async def action(client: ControlClient) -> Any:
-        qid = await resolve_id(client, question, "question")
-        answer_text = text
-        if answer_text is None:
+    target = question
+    if text is None:
+        # Look the question up, then prompt with no connection open and no event loop
+        # running: a person may take their time, and Ctrl-C at the prompt must end it.
+        async def lookup(client: ControlClient) -> dict[str, Any]:
+            qid = await resolve_id(client, question, "question")
             rows = (await client.call("question.list"))["questions"]
-            found = next((q for q in rows if q["question_id"] == qid), None)
+            found: dict[str, Any] | None = next((q for q in rows if q["question_id"] == qid), None)
             if found is None:
                 raise MakimaError(f"question {qid} is not open")
-            answer_text = await anyio.to_thread.run_sync(prompt_answer, found)
+            return found
+
+        found = run_client(socket_path, lookup)
+        target = found["question_id"]
+        text = prompt_answer(found)
+    answer_text = text
+
+    async def action(client: ControlClient) -> Any:
+        qid = await resolve_id(client, target, "question")
         return await client.call("question.answer", {"question_id": qid, "answer": answer_text})
 
-    result = run_client(socket_path, action, timeout=3600.0)
+    result = run_client(socket_path, action)
     err.print(f"answered {result['question_id']}: {result['answer']}", markup=False)
 
 
@@ -511,14 +522,14 @@ def demo(state_dir: Path | None, preset: str | None, timeout: float) -> None:
 @click.option(
     "--agents",
     type=click.IntRange(1, 50),
-    default=4,
+    default=DRILL_DEFAULTS.agents,
     show_default=True,
     help="Supervisors running at once.",
 )
 @click.option(
     "--kills",
     type=click.IntRange(0, 1000),
-    default=12,
+    default=DRILL_DEFAULTS.kills,
     show_default=True,
     help="How many times the daemon is killed with SIGKILL.",
 )
@@ -542,7 +553,7 @@ def drill(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from makima import logs
-    from makima.drill import DrillProgress, DrillSettings, run_drill
+    from makima.drill import DrillProgress, run_drill
 
     logs.configure(level="warning")
     settings = DrillSettings(

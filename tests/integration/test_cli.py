@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -65,12 +66,37 @@ async def makima(socket_path: Path | str, *args: str) -> Run:
     return Run(result.returncode, result.stdout.decode(), result.stderr.decode())
 
 
+async def makima_all(socket_path: Path | str, *commands: list[str]) -> list[Run]:
+    """Run several ``makima`` commands at once; their results in order."""
+    runs: dict[int, Run] = {}
+
+    async def one(n: int, args: list[str]) -> None:
+        runs[n] = await makima(socket_path, *args)
+
+    async with anyio.create_task_group() as tg:
+        for n, args in enumerate(commands):
+            tg.start_soon(one, n, args)
+    return [runs[n] for n in range(len(commands))]
+
+
 async def until_closed(agent: AgentChannel) -> list[dict[str, Any]]:
     """Everything the daemon still sends the agent, until it closes its stdin."""
     seen: list[dict[str, Any]] = []
     while (message := await agent.receive()) is not None:
         seen.append(message)
     return seen
+
+
+async def delivered(agent: AgentChannel) -> dict[str, Any]:
+    """The answer the daemon relays to the agent after ``makima answer`` exited."""
+    try:
+        with anyio.fail_after(10):
+            return await agent.expect("answer")
+    except TimeoutError:
+        raise AssertionError(
+            "the agent never got the answer: was its delivery cancelled when the"
+            " answering CLI closed its connection?"
+        ) from None
 
 
 async def read_all(stream: anyio.abc.ByteReceiveStream) -> bytes:
@@ -81,24 +107,34 @@ async def read_all(stream: anyio.abc.ByteReceiveStream) -> bytes:
     return data
 
 
-async def read_terminal(master: int) -> str:
-    """The next output on a pseudo-terminal's master side; "" once the slave is closed."""
+def read_terminal_blocking(master: int) -> str:
+    """The next output on a pseudo-terminal's master side; "" once the slave is closed
+    (or the master itself, when an abandoned reader outlives its test)."""
     while True:
-        await anyio.wait_readable(master)
         try:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                continue
             data = os.read(master, 4096)
         except BlockingIOError:
             continue
-        except OSError:  # EIO: every slave fd is closed
+        except (OSError, ValueError):  # EIO: every slave fd is closed; EBADF: master closed
             return ""
         return data.decode(errors="replace")
 
 
+async def read_terminal(master: int) -> str:
+    # A worker thread, not the event loop's reader callbacks: a pty master is
+    # level-triggered and the callbacks can fire twice for one readiness.
+    return await anyio.to_thread.run_sync(read_terminal_blocking, master, abandon_on_cancel=True)
+
+
 async def on_terminal(
-    socket_path: Path, args: list[str], dialogue: list[tuple[str, str]]
+    socket_path: Path, args: list[str], dialogue: list[tuple[str, str | signal.Signals]]
 ) -> tuple[int, str]:
     """Run ``makima ARGS`` on a pseudo-terminal: for each (prompt, reply), wait until
-    ``prompt`` shows, then type ``reply``. Returns the exit code and all output."""
+    ``prompt`` shows, then type ``reply`` (or send it, a signal). Returns the exit
+    code and all output."""
     master, slave = os.openpty()
     os.set_blocking(master, False)
     try:
@@ -121,7 +157,10 @@ async def on_terminal(
                         chunk = await read_terminal(master)
                         assert chunk, f"the terminal closed before {prompt!r}: {shown!r}"
                         shown += chunk
-                    os.write(master, reply.encode())
+                    if isinstance(reply, signal.Signals):
+                        process.send_signal(reply)
+                    else:
+                        os.write(master, reply.encode())
                 while chunk := await read_terminal(master):
                     shown += chunk
                 code = await process.wait()
@@ -135,28 +174,31 @@ async def on_terminal(
 
 async def test_no_daemon_and_usage_errors(short_tmp: Path) -> None:
     missing = short_tmp / f"none-{uuid.uuid4().hex[:8]}.sock"
-    run = await makima(missing, "status")
-    assert run.code == 3
-    assert str(missing) in run.one_error_line()
-
-    # a socket file left behind by a dead daemon: nobody accepts
     stale = short_tmp / f"stale-{uuid.uuid4().hex[:8]}.sock"
+    usage = [
+        ["bogus"],
+        ["start", "x"],
+        ["start", "x", "--"],
+        ["start", "x", "--env", "NOEQUALS", "--", "true"],
+        ["ls", "--nope"],
+        ["show"],
+        ["history", "x", "--limit", "0"],
+    ]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as leftover:
-        leftover.bind(str(stale))
-        run = await makima(stale, "status", "--json")
-    assert run.code == 3 and str(stale) in run.one_error_line()
+        leftover.bind(str(stale))  # a socket file left behind by a dead daemon: nobody accepts
+        stale_status = await makima(stale, "status", "--json")
+        status, ls, version, *usage_runs = await makima_all(
+            missing, ["status"], ["ls"], ["--version"], *usage
+        )
 
+    assert status.code == 3 and str(missing) in status.one_error_line()
+    assert stale_status.code == 3 and str(stale) in stale_status.one_error_line()
     # only status says "no daemon" with 3; the rest fail with 1
-    run = await makima(missing, "ls")
-    assert run.code == 1 and str(missing) in run.one_error_line()
-
-    for args in (["bogus"], ["start", "x"], ["start", "x", "--"], ["ls", "--nope"], ["show"]):
-        run = await makima(missing, *args)
+    assert ls.code == 1 and str(missing) in ls.one_error_line()
+    assert version.code == 0 and "makima" in version.out
+    for args, run in zip(usage, usage_runs, strict=True):
         assert run.code == 2, (args, run)
         assert run.out == "" and "Usage:" in run.err and "Traceback" not in run.err, (args, run)
-
-    run = await makima(missing, "--version")
-    assert run.code == 0 and "makima" in run.out
 
 
 # --------------------------------------------------------------------------- status
@@ -164,12 +206,12 @@ async def test_no_daemon_and_usage_errors(short_tmp: Path) -> None:
 
 async def test_status(daemon: Daemon) -> None:
     socket_path = daemon.config.socket_path
-    run = await makima(socket_path, "status")
+    run, as_json = await makima_all(socket_path, ["status"], ["status", "--json"])
     assert run.code == 0 and run.err == "", run
     assert str(daemon.daemon_id) in run.out and f"pid {os.getpid()}" in run.out
     assert "open questions" in run.out and "last startup" in run.out
 
-    run = await makima(socket_path, "status", "--json")
+    run = as_json
     assert run.code == 0 and run.err == "", run
     status = json.loads(run.out)
     assert status["daemon_id"] == str(daemon.daemon_id) and status["pid"] == os.getpid()
@@ -182,9 +224,7 @@ async def test_status(daemon: Daemon) -> None:
 async def test_supervisor_commands(daemon: Daemon, client: ControlClient, relay: Relay) -> None:
     socket_path = daemon.config.socket_path
 
-    run = await makima(
-        socket_path, "start", "alpha", "--goal", "ship [v1]", "--", *relay.command
-    )
+    run = await makima(socket_path, "start", "alpha", "--goal", "ship [v1]", "--", *relay.command)
     assert run.code == 0, run
     sid = run.out.strip()
     assert run.out == f"{uuid.UUID(sid)}\n"
@@ -205,58 +245,75 @@ async def test_supervisor_commands(daemon: Daemon, client: ControlClient, relay:
     await finished.request({"type": "done"})
     assert await until_closed(finished) == []
 
+    missing = str(uuid.uuid4())
+    (
+        ls,
+        ls_all,
+        ls_json,
+        ls_all_json,
+        *shows,
+        show_json,
+        hist,
+        hist_json,
+        show_missing,
+        hist_unknown,
+        show_ambiguous,
+    ) = await makima_all(
+        socket_path,
+        ["ls"],
+        ["ls", "--all"],
+        ["ls", "--json"],
+        ["ls", "--all", "--json"],
+        ["show", sid],
+        ["show", sid[:8]],
+        ["show", sid[:8].upper()],
+        ["show", "--json", sid[:6]],
+        ["history", sid],
+        ["history", "--json", sid[:8]],
+        ["show", missing],
+        ["history", "zzzz"],
+        ["show", ""],
+    )
+
     # ls: unfinished only; --all: both; --json: the rows
-    run = await makima(socket_path, "ls")
-    assert run.code == 0 and run.err == "", run
-    row = next(line for line in run.out.splitlines() if sid[:8] in line)
+    assert ls.code == 0 and ls.err == "", ls
+    row = next(line for line in ls.out.splitlines() if sid[:8] in line)
     for cell in ("alpha", "working", "checks", "40%", "reading [docs]"):
         assert cell in row, (cell, row)
-    assert done_id[:8] not in run.out
+    assert done_id[:8] not in ls.out
 
-    run = await makima(socket_path, "ls", "--all")
-    assert run.code == 0 and sid[:8] in run.out, run
-    assert "completed" in next(line for line in run.out.splitlines() if done_id[:8] in line)
+    assert ls_all.code == 0 and sid[:8] in ls_all.out, ls_all
+    assert "completed" in next(line for line in ls_all.out.splitlines() if done_id[:8] in line)
 
-    run = await makima(socket_path, "ls", "--json")
-    assert run.code == 0, run
-    rows = json.loads(run.out)
-    assert [(r["supervisor_id"], r["state"], r["progress"]) for r in rows] == [
-        (sid, "working", 40)
-    ]
-    run = await makima(socket_path, "ls", "--all", "--json")
-    assert {r["supervisor_id"] for r in json.loads(run.out)} == {sid, done_id}
+    assert ls_json.code == 0, ls_json
+    rows = json.loads(ls_json.out)
+    assert [(r["supervisor_id"], r["state"], r["progress"]) for r in rows] == [(sid, "working", 40)]
+    assert {r["supervisor_id"] for r in json.loads(ls_all_json.out)} == {sid, done_id}
 
-    # show: full id, unique prefix, --json
-    for ref in (sid, sid[:8], sid[:8].upper()):
-        run = await makima(socket_path, "show", ref)
-        assert run.code == 0 and run.err == "", (ref, run)
+    # show: full id, unique prefix (any case), --json
+    for run in shows:
+        assert run.code == 0 and run.err == "", run
         for text in (sid, "alpha", "ship [v1]", "checks", "reading [docs]", "working"):
             assert text in run.out, (text, run.out)
-    run = await makima(socket_path, "show", "--json", sid[:6])
-    assert run.code == 0, run
-    body = json.loads(run.out)
+    assert show_json.code == 0, show_json
+    body = json.loads(show_json.out)
     assert (body["supervisor_id"], body["name"], body["state"]) == (sid, "alpha", "working")
     assert body["phase"] == "checks" and body["tasks"] == []
 
     # history
-    run = await makima(socket_path, "history", sid)
-    assert run.code == 0 and run.err == "", run
-    assert re.search(r"^\s*1 assistant\s+ok \[/bold\] go$", run.out, re.M), run.out
-    run = await makima(socket_path, "history", "--json", sid[:8])
-    assert run.code == 0, run
-    messages = json.loads(run.out)
+    assert hist.code == 0 and hist.err == "", hist
+    assert re.search(r"^\s*1 assistant\s+ok \[/bold\] go$", hist.out, re.M), hist.out
+    assert hist_json.code == 0, hist_json
+    messages = json.loads(hist_json.out)
     assert [(m["seq"], m["role"], m["content"]) for m in messages] == [
         (1, "assistant", "ok [/bold] go")
     ]
 
     # errors from the daemon, and from resolving ids: one line, exit 1
-    missing = str(uuid.uuid4())
-    run = await makima(socket_path, "show", missing)
-    assert run.code == 1 and missing in run.one_error_line()
-    run = await makima(socket_path, "history", "zzzz")
-    assert run.code == 1 and "zzzz" in run.one_error_line()
-    run = await makima(socket_path, "show", "")
-    assert run.code == 1 and "matches 2 supervisors" in run.one_error_line()
+    assert show_missing.code == 1 and missing in show_missing.one_error_line()
+    assert hist_unknown.code == 1 and "zzzz" in hist_unknown.one_error_line()
+    assert show_ambiguous.code == 1
+    assert "matches 2 supervisors" in show_ambiguous.one_error_line()
 
     # resume a running supervisor: its agent is replaced, restored with source manual
     replaced: list[dict[str, Any]] = []
@@ -300,10 +357,9 @@ async def test_supervisor_commands(daemon: Daemon, client: ControlClient, relay:
     body = await client.call("supervisor.get", {"supervisor_id": sid})
     assert body["state"] == "failed" and body["error_message"].startswith("cancelled")
 
-    run = await makima(socket_path, "cancel", sid)
-    assert run.code == 1 and "failed" in run.one_error_line()
-    run = await makima(socket_path, "ls")
-    assert run.code == 0 and run.out == "" and "no supervisors" in run.err, run
+    again, ls = await makima_all(socket_path, ["cancel", sid], ["ls"])
+    assert again.code == 1 and "failed" in again.one_error_line()
+    assert ls.code == 0 and ls.out == "" and "no supervisors" in ls.err, ls
 
 
 # --------------------------------------------------------------------------- questions
@@ -356,31 +412,34 @@ async def test_questions_answers_and_watch(
         assert watcher.stderr is not None
         assert await read_all(watcher.stderr) == b""
 
+    table, as_json, of_one, no_text, wrong = await makima_all(
+        socket_path,
+        ["questions"],
+        ["questions", "--json"],
+        ["questions", "--json", "--supervisor", sid[:8]],
+        ["answer", qid],
+        ["answer", qid, "maybe"],
+    )
     # questions, as a table and as JSON
-    run = await makima(socket_path, "questions")
-    assert run.code == 0 and run.err == "", run
-    row = next(line for line in run.out.splitlines() if qid[:8] in line)
+    assert table.code == 0 and table.err == "", table
+    row = next(line for line in table.out.splitlines() if qid[:8] in line)
     for cell in (sid[:8], "Ship [v1]?", "ship / hold"):
         assert cell in row, (cell, row)
-    run = await makima(socket_path, "questions", "--json")
-    assert run.code == 0, run
-    (listed,) = json.loads(run.out)
+    assert as_json.code == 0, as_json
+    (listed,) = json.loads(as_json.out)
     assert (listed["question_id"], listed["supervisor_id"]) == (qid, sid)
     assert listed["choices"] == ["ship", "hold"] and listed["context"] == "all green"
-    run = await makima(socket_path, "questions", "--json", "--supervisor", sid[:8])
-    assert [q["question_id"] for q in json.loads(run.out)] == [qid]
-
+    assert [q["question_id"] for q in json.loads(of_one.out)] == [qid]
     # no TEXT, and stdin is no terminal to prompt on: a usage error, nothing answered
-    run = await makima(socket_path, "answer", qid)
-    assert run.code == 2 and run.out == "" and "terminal" in run.err, run
+    assert no_text.code == 2 and no_text.out == "" and "terminal" in no_text.err, no_text
     # not one of the choices: refused, naming them
-    run = await makima(socket_path, "answer", qid, "maybe")
-    line = run.one_error_line()
-    assert run.code == 1 and "ship" in line and "hold" in line and "maybe" in line
+    refused = wrong.one_error_line()
+    assert wrong.code == 1 and all(w in refused for w in ("ship", "hold", "maybe"))
+
     # by prefix; the agent gets the answer
     run = await makima(socket_path, "answer", qid[:8], "hold")
     assert run.code == 0 and run.out == "" and f"answered {qid}: hold" in run.err, run
-    assert await agent.expect("answer") == {"type": "answer", "question_id": qid, "answer": "hold"}
+    assert await delivered(agent) == {"type": "answer", "question_id": qid, "answer": "hold"}
     # exactly once
     run = await makima(socket_path, "answer", qid, "ship")
     assert run.code == 1 and "already answered" in run.one_error_line()
@@ -399,17 +458,30 @@ async def test_questions_answers_and_watch(
     assert code == 0, shown
     assert "Release [now]?" in shown and "1) ship" in shown
     assert f"answered {qid}: hold" in shown
-    assert (await agent.expect("answer"))["answer"] == "hold"
+    assert (await delivered(agent))["answer"] == "hold"
+
+    # Ctrl-C or Ctrl-D at the prompt: aborted at once (exit 1), nothing answered
+    qid = (await agent.request({"type": "ask", "question": "Go?", "choices": ["go"]}))[
+        "question_id"
+    ]
+    for reply in (signal.SIGINT, "\x04"):
+        code, shown = await on_terminal(socket_path, ["answer", qid], [("choice: ", reply)])
+        assert code == 1 and "Aborted!" in shown and "Traceback" not in shown, shown
+    run = await makima(socket_path, "questions", "--json")
+    assert [q["question_id"] for q in json.loads(run.out)] == [qid]
+    run = await makima(socket_path, "answer", qid, "go")
+    assert run.code == 0, run
+    assert (await delivered(agent))["answer"] == "go"
 
     # a free-text question on a terminal; the answer is printed as typed
     qid = (await agent.request({"type": "ask", "question": "Tag name?"}))["question_id"]
-    code, shown = await on_terminal(socket_path, ["answer", qid], [("answer", "v2 [/b] rc\n")])
+    code, shown = await on_terminal(socket_path, ["answer", qid], [("answer: ", "v2 [/b] rc\n")])
     assert code == 0, shown
     assert f"answered {qid}: v2 [/b] rc" in shown
-    assert (await agent.expect("answer"))["answer"] == "v2 [/b] rc"
+    assert (await delivered(agent))["answer"] == "v2 [/b] rc"
 
     # answered by TEXT with markup-like characters: printed as given
     qid = (await agent.request({"type": "ask", "question": "Why?"}))["question_id"]
     run = await makima(socket_path, "answer", qid, "[/red] because")
     assert run.code == 0 and f"answered {qid}: [/red] because" in run.err, run
-    assert (await agent.expect("answer"))["answer"] == "[/red] because"
+    assert (await delivered(agent))["answer"] == "[/red] because"
