@@ -25,6 +25,7 @@ from makima.model import (
     SupervisorStateEnum,
     parse_env,
     parse_string_list,
+    parse_uuid,
 )
 from makima.supervisor import StopReason, question_event_fields
 
@@ -47,12 +48,10 @@ def _require(params: dict[str, Any], key: str) -> Any:
 
 def _uuid(params: dict[str, Any], key: str) -> uuid.UUID:
     value = _require(params, key)
-    if isinstance(value, str):
-        try:
-            return uuid.UUID(value)
-        except ValueError:
-            pass
-    raise InvalidParamsError(f"parameter {key!r} must be a UUID string; got {value!r}")
+    try:
+        return parse_uuid(value, f"parameter {key!r}")
+    except InvalidValueError as exc:
+        raise InvalidParamsError(str(exc)) from None
 
 
 def _optional_str(params: dict[str, Any], key: str) -> str | None:

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from makima import __version__
-from makima.config import DaemonConfig, client_socket_path
+from makima.config import DaemonConfig, TaskRestartPolicy, client_socket_path
 from makima.control.client import ControlClient, DaemonNotRunningError, RemoteError
 from makima.drill import DrillSettings
 from makima.errors import MakimaError
@@ -142,8 +142,8 @@ def main() -> None:
 @click.option("--heartbeat-interval", type=float, default=5.0, show_default=True)
 @click.option(
     "--task-restart-policy",
-    type=click.Choice(["interrupt", "rerun"]),
-    default="interrupt",
+    type=click.Choice([p.value for p in TaskRestartPolicy]),
+    default=TaskRestartPolicy.INTERRUPT.value,
     show_default=True,
     help="What happens to tasks that were running when the daemon or an agent stopped.",
 )
@@ -171,7 +171,7 @@ def daemon(
             socket=socket_path,
             database_url=database_url,
             heartbeat_interval=heartbeat_interval,
-            task_restart_policy=task_restart_policy,
+            task_restart_policy=TaskRestartPolicy(task_restart_policy),
             agent_restart_limit=agent_restart_limit,
             agent_restart_window=agent_restart_window,
         )

@@ -6,6 +6,7 @@ directories, then XDG, then defaults. Pure functions of an environment mapping.
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,13 @@ from makima.errors import InvalidValueError
 
 SOCKET_NAME = "makima.sock"
 MAX_SOCKET_PATH = 107  # AF_UNIX sun_path, less the terminating NUL
+
+
+class TaskRestartPolicy(enum.StrEnum):
+    """What happens to tasks that were running when the daemon or an agent stopped."""
+
+    INTERRUPT = "interrupt"  # marked interrupted; the agent decides
+    RERUN = "rerun"  # started again
 
 
 def _first(value: str) -> str:
@@ -88,15 +96,10 @@ class DaemonConfig:
     agent_restart_limit: int = 5
     agent_restart_window: float = 300.0
     agent_restart_backoff: float = 0.5
-    task_restart_policy: str = "interrupt"  # or "rerun": tasks running at a restart
+    task_restart_policy: TaskRestartPolicy = TaskRestartPolicy.INTERRUPT
 
     def __post_init__(self) -> None:
         check_socket_path(self.socket_path)
-        if self.task_restart_policy not in ("interrupt", "rerun"):
-            raise InvalidValueError(
-                "task restart policy must be 'interrupt' or 'rerun'; "
-                f"got {self.task_restart_policy!r}"
-            )
         if self.heartbeat_interval <= 0:
             raise InvalidValueError(
                 f"heartbeat interval must be positive; got {self.heartbeat_interval}"

@@ -30,6 +30,7 @@ import anyio
 import structlog
 
 from makima import repository as repo
+from makima.config import TaskRestartPolicy
 from makima.errors import ConflictError, InvalidValueError, NotFoundError
 from makima.events import EventKind
 from makima.model import (
@@ -83,13 +84,6 @@ _OUTCOME = {
     StateRecoveryAction.START_FRESH: Outcome.FRESH,
     StateRecoveryAction.MARK_FAILED: Outcome.FAILED,
 }
-
-
-class TaskRestartPolicy(enum.StrEnum):
-    """What happens to tasks that were running when the daemon stopped."""
-
-    INTERRUPT = "interrupt"  # marked interrupted; the agent decides
-    RERUN = "rerun"  # started again
 
 
 @dataclass
@@ -225,7 +219,7 @@ async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSour
     if unfinished:
         # A crashed daemon left these processes running: stop them first.
         await anyio.to_thread.run_sync(stop_orphaned_tasks, {str(t.task_id) for t in unfinished})
-        if daemon.config.task_restart_policy == TaskRestartPolicy.RERUN.value:
+        if daemon.config.task_restart_policy is TaskRestartPolicy.RERUN:
             result.rerun = unfinished
         else:
             interrupted = await db.save(
