@@ -31,15 +31,18 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import asyncpg
 
 from makima.control.client import ControlClient, ControlError, RemoteError
-from makima.embedded import ConnectParams, EmbeddedPostgres
 from makima.errors import MakimaError
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from makima.embedded import EmbeddedPostgres
 
 AGENT_MODULE = "makima.examples.release_manager"
 READY_TIMEOUT = 90.0
@@ -416,10 +419,16 @@ class _Drill:
     # ----------------------------------------------------------------- checking
 
     async def _connect_database(self) -> tuple[asyncpg.Connection, EmbeddedPostgres | None]:
+        # Imported here: the CLI imports this module for DrillSettings, and every
+        # ``makima`` command would otherwise pay for the database driver.
+        import asyncpg
+
+        from makima.embedded import EmbeddedPostgres
+
         if self.settings.database_url:
             return await asyncpg.connect(self.settings.database_url), None
         server = EmbeddedPostgres(self.state_dir)
-        params: ConnectParams = await anyio.to_thread.run_sync(server.start)
+        params = await anyio.to_thread.run_sync(server.start)
         return await asyncpg.connect(**params.asyncpg_kwargs()), server
 
     async def _verify(self) -> list[Check]:
@@ -561,6 +570,8 @@ async def run_drill(
             with anyio.CancelScope(shield=True):
                 await drill.runner.kill()
                 if not settings.database_url:
+                    from makima.embedded import EmbeddedPostgres
+
                     with contextlib.suppress(Exception):
                         EmbeddedPostgres(drill.state_dir).stop()
     drill.cleanup(result.ok)
