@@ -14,11 +14,17 @@ from pathlib import Path
 import anyio
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, settings
 
 from makima.database import apply_schema, create_pool, ensure_database
 from makima.embedded import ConnectParams, EmbeddedPostgres
 
 TEMPLATE = "makima_template"
+
+# Properties are judged by what they find, never by how fast: no per-example
+# deadline and no "generation is slow" failure when CI shares its cores.
+settings.register_profile("makima", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("makima")
 
 
 @pytest.fixture(scope="session")
