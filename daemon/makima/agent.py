@@ -23,6 +23,7 @@ import structlog
 
 from makima.childenv import child_environment
 from makima.errors import InvalidValueError, MakimaError
+from makima.jsonline import load_json_line, unstorable
 from makima.lines import MAX_LINE, LineBuffer, TooLong
 from makima.model import (
     parse_env,
@@ -195,11 +196,9 @@ def _parse_body(kind: AgentMessageType, obj: Mapping[str, Any]) -> AgentMessage:
 def parse_agent_line(line: bytes) -> Envelope:
     """Parse one line from an agent, or raise AgentProtocolError (with ``ref`` if readable)."""
     try:
-        obj = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise AgentProtocolError(ErrorCode.MALFORMED, "line is not valid UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise AgentProtocolError(ErrorCode.MALFORMED, f"line is not JSON: {exc.msg}") from None
+        obj = load_json_line(line)
+    except ValueError as exc:
+        raise AgentProtocolError(ErrorCode.MALFORMED, str(exc)) from None
     if not isinstance(obj, dict):
         raise AgentProtocolError(
             ErrorCode.MALFORMED, f"a message must be a JSON object; got {type(obj).__name__}"
@@ -219,6 +218,8 @@ def parse_agent_line(line: bytes) -> Envelope:
         raise AgentProtocolError(
             ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected one of {known}", ref
         ) from None
+    if (problem := unstorable(obj)) is not None:
+        raise AgentProtocolError(ErrorCode.INVALID, problem, ref)
     try:
         return Envelope(_parse_body(message_type, obj), ref)
     except InvalidValueError as exc:

@@ -24,14 +24,14 @@ from asyncpg.pool import PoolConnectionProxy
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_delay,
     stop_never,
     wait_random_exponential,
 )
 
 from makima.embedded import ConnectParams, EmbeddedPostgres
-from makima.errors import DatabaseUnavailableError, SchemaVersionError
+from makima.errors import DatabaseUnavailableError, SavePointRefusedError, SchemaVersionError
 
 log = structlog.get_logger("makima.database")
 
@@ -52,8 +52,19 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,  # server stopped under us
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,  # connection closed mid-operation
 )
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Is ``exc`` a lost or refused connection, worth retrying?
+
+    asyncpg raises a bare InterfaceError for a connection closed mid-operation;
+    its subclasses (a query argument that cannot be encoded, client settings)
+    fail the same way every time and must never be retried.
+    """
+    if isinstance(exc, asyncpg.InterfaceError):
+        return type(exc) is asyncpg.InterfaceError
+    return isinstance(exc, CONNECTION_ERRORS)
 
 
 def schema_sql() -> str:
@@ -89,7 +100,7 @@ def _log_retry(what: str) -> Callable[[RetryCallState], None]:
 def retrying(what: str, *, give_up_after: float | None) -> AsyncRetrying:
     """The reconnect policy: named errors only, jittered backoff, re-raise at the end."""
     return AsyncRetrying(
-        retry=retry_if_exception_type(CONNECTION_ERRORS),
+        retry=retry_if_exception(is_connection_error),
         wait=wait_random_exponential(multiplier=0.05, max=2.0),
         stop=stop_never if give_up_after is None else stop_after_delay(give_up_after),
         reraise=True,
@@ -260,17 +271,29 @@ class Database:
                 await anyio.to_thread.run_sync(self.embedded.stop)
 
     async def save(self, operation: Callable[[Pool], Awaitable[T]], what: str) -> T:
-        """Run a save point; while the database is away, wait for it (never drop)."""
-        return await with_retries(
-            what, lambda: operation(self.pool), give_up_after=None, attempt_timeout=30.0
-        )
+        """Run a save point; while the database is away, wait for it (never drop).
+
+        A save point the database refuses (a value it cannot store, a broken
+        constraint) raises SavePointRefusedError: the caller answers its peer
+        with an error, and the daemon carries on.
+        """
+        try:
+            return await with_retries(
+                what, lambda: operation(self.pool), give_up_after=None, attempt_timeout=30.0
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise SavePointRefusedError(
+                f"the database refused the {what} save point: {exc}"
+            ) from exc
 
     async def query(self, operation: Callable[[Pool], Awaitable[T]]) -> T:
         """Run a read or a person's request; fail fast when the database is away."""
         try:
             return await operation(self.pool)
-        except CONNECTION_ERRORS as exc:
-            raise DatabaseUnavailableError(f"the database is not reachable: {exc}") from exc
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise DatabaseUnavailableError(f"the database is not reachable: {exc}") from exc
+            raise
 
 
 @asynccontextmanager

@@ -55,6 +55,10 @@ class DatabaseUnavailableError(MakimaError):
     """PostgreSQL cannot be reached right now."""
 
 
+class SavePointRefusedError(MakimaError):
+    """PostgreSQL refused a save point for a reason that retrying cannot cure."""
+
+
 class EmbeddedDatabaseError(MakimaError):
     """The embedded PostgreSQL could not be set up, started or stopped."""
 

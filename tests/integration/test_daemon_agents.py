@@ -159,6 +159,15 @@ async def test_fail_records_the_error(daemon: Daemon, client: ControlClient, rel
         (b'{"ref": "r1"}\n', "invalid"),
         (b'{"type": "tasks_done", "ref": "r1"}\n', "unknown_type"),
         (b"x" * (1024 * 1024 + 10) + b"\n", "too_long"),
+        # JSON that PostgreSQL cannot store: refused before any save point
+        (b'{"type": "activity", "text": "a\\u0000b", "ref": "r1"}\n', "invalid"),
+        (b'{"type": "activity", "text": "a\\u0000b"}\n', "invalid"),
+        (
+            b'{"type": "message", "role": "assistant", "content": "\\udc00", "ref": "r1"}\n',
+            "invalid",
+        ),
+        (b'{"type": "checkpoint", "data": {"x": NaN}, "ref": "r1"}\n', "malformed"),
+        (b'{"type": "checkpoint", "data": [1e999], "ref": "r1"}\n', "malformed"),
     ],
 )
 async def test_bad_agent_lines_get_an_error_and_nothing_breaks(
@@ -170,7 +179,7 @@ async def test_bad_agent_lines_get_an_error_and_nothing_breaks(
     await agent.send_raw(line)
     reply = await agent.expect("error")
     assert reply["code"] == code and reply["message"]
-    if b'"ref": "r1"' in line:
+    if b'"ref": "r1"' in line and reply["code"] != "malformed":
         assert reply["ref"] == "r1"
     # the supervisor and the daemon carry on
     assert (await agent.request({"type": "activity", "text": "still here"}))["type"] == "ack"

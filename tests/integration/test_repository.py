@@ -10,7 +10,13 @@ import asyncpg
 import pytest
 
 from makima import repository as repo
-from makima.errors import ConflictError, InvalidAnswerError, NotFoundError
+from makima.database import Database, is_connection_error
+from makima.errors import (
+    ConflictError,
+    InvalidAnswerError,
+    NotFoundError,
+    SavePointRefusedError,
+)
 from makima.model import (
     PendingQuestion,
     RestorationSource,
@@ -347,3 +353,32 @@ async def test_daemons(pool: asyncpg.Pool) -> None:
     await repo.register_daemon(pool, did, "host", 123)
     assert await repo.touch_daemon(pool, did)
     assert not await repo.touch_daemon(pool, uuid.uuid4())
+
+
+async def test_a_save_point_the_database_refuses_fails_at_once(pool: asyncpg.Pool) -> None:
+    """Retrying cannot cure a value PostgreSQL refuses: the save point fails with a
+    clear error at the first attempt instead of waiting forever."""
+    db = Database(pool)
+    sid = await new_supervisor(pool)
+    attempts = 0
+
+    async def refused(p: asyncpg.Pool, value: object) -> object:
+        nonlocal attempts
+        attempts += 1
+        return await repo.update_supervisor_phase(p, sid, value)  # type: ignore[arg-type]
+
+    # a server-side refusal (NUL in text) and a client-side one (a value asyncpg cannot encode)
+    for value, shown in (("a\x00b", "phase"), (12, "phase")):
+        attempts = 0
+        with anyio.fail_after(10), pytest.raises(SavePointRefusedError, match=shown):
+            await db.save(lambda p, v=value: refused(p, v), "phase")
+        assert attempts == 1
+
+
+def test_only_connection_failures_are_retried() -> None:
+    assert is_connection_error(ConnectionResetError())
+    assert is_connection_error(asyncpg.InterfaceError("connection is closed"))
+    assert is_connection_error(asyncpg.exceptions.ConnectionDoesNotExistError())
+    assert not is_connection_error(asyncpg.exceptions.CharacterNotInRepertoireError())
+    assert not is_connection_error(asyncpg.exceptions.UnsupportedClientFeatureError("x"))
+    assert not is_connection_error(ValueError("x"))

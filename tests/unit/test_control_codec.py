@@ -396,19 +396,38 @@ def test_encoder_refuses_bad_ids_methods_params_and_nan() -> None:
 
 # --- properties ---------------------------------------------------------------
 
+# Text PostgreSQL can store: no NUL, no lone surrogate (params with them are refused).
+storable = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
+    | st.text(storable),
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(storable, max_size=8), children, max_size=4)
     ),
     max_leaves=12,
 )
 request_ids = st.integers() | st.text(max_size=10)
-params = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+params = st.dictionaries(st.text(storable, max_size=8), json_values, max_size=4)
+
+
+@pytest.mark.parametrize(
+    ("params_json", "shown"),
+    [
+        ('{"answer": "a\\u0000b"}', "a NUL character (\\u0000)"),
+        ('{"x": [{"k\\u0000": 1}]}', "a NUL character (\\u0000)"),
+        ('{"answer": "\\ud800"}', "a lone surrogate (\\ud800)"),
+    ],
+)
+def test_params_postgresql_cannot_store_are_refused(params_json: str, shown: str) -> None:
+    line = f'{{"jsonrpc":"2.0","id":7,"method":"question.answer","params":{params_json}}}'
+    frame = parse_request(line.encode())
+    assert isinstance(frame, ProtocolError), frame
+    assert (frame.code, frame.id) == (ErrorCode.INVALID_PARAMS, 7)
+    assert shown in frame.message and "cannot be stored" in frame.message
 
 
 @st.composite

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeAlias, TypeGuard, TypeVar
 
 from makima.errors import InvalidValueError, MakimaError
+from makima.jsonline import load_json_line, unstorable
 
 MAX_LINE = 1 << 20
 """The longest line, in bytes, not counting its ``\\n`` (a ``\\r`` before it counts)."""
@@ -146,33 +146,6 @@ def _json_type(value: object) -> str:
     return "an object"
 
 
-def _refuse_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-def _load_json(line: bytes) -> Any:
-    """The decoded JSON value of ``line``; ValueError with a clear message if there is none."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"line is not valid UTF-8 (byte {line[exc.start]:#04x} at offset {exc.start})"
-        ) from None
-    try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise ValueError("invalid JSON: nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, too many digits
-        raise ValueError(f"invalid JSON: {exc}") from None
-
-
 def _check_jsonrpc(obj: dict[str, Any]) -> str | None:
     """A message for a missing or wrong ``jsonrpc`` member, or None if it is "2.0"."""
     if "jsonrpc" not in obj:
@@ -185,7 +158,7 @@ def _check_jsonrpc(obj: dict[str, Any]) -> str | None:
 def parse_request(line: bytes) -> Request | ProtocolError:
     """One line received by the server (without its newline)."""
     try:
-        obj = _load_json(line)
+        obj = load_json_line(line)
     except ValueError as exc:
         return ProtocolError(ErrorCode.PARSE_ERROR, str(exc))
     if isinstance(obj, list):
@@ -219,6 +192,8 @@ def parse_request(line: bytes) -> Request | ProtocolError:
         return Request(request_id, method, {})
     params = obj["params"]
     if isinstance(params, dict):
+        if (problem := unstorable(params)) is not None:
+            return ProtocolError(ErrorCode.INVALID_PARAMS, f"params: {problem}", request_id)
         return Request(request_id, method, params)
     if isinstance(params, list):
         return ProtocolError(
@@ -237,7 +212,7 @@ def parse_request(line: bytes) -> Request | ProtocolError:
 def parse_server_message(line: bytes) -> Response | Notification | ProtocolError:
     """One line received by the client (without its newline)."""
     try:
-        obj = _load_json(line)
+        obj = load_json_line(line)
     except ValueError as exc:
         return ProtocolError(ErrorCode.PARSE_ERROR, str(exc))
     if not isinstance(obj, dict):
