@@ -256,8 +256,10 @@ class Daemon:
                         if supervisor.id in self._resume_waiters
                         else RestorationSource.AGENT_RESTART
                     )
-                plan = await restore_one(self, supervisor.id, source)
-                supervisor.reset(plan.state)
+                # Answers and cancels wait while the state is read and rewritten.
+                async with supervisor.exclusive():
+                    plan = await restore_one(self, supervisor.id, source)
+                    supervisor.reset(plan.state)
                 waiter = self._resume_waiters.pop(supervisor.id, None)
                 if waiter is not None:
                     waiter.result = info(plan)

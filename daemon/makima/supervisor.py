@@ -8,10 +8,11 @@ Ordering rule for every agent message: decide (pure) → save point (commit)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -131,6 +132,10 @@ class Supervisor:
         self._stop_reason: StopReason | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._dirty = False
+        # Answers given while no started agent could take them (between a
+        # restoration and the agent's start message): sent right after it.
+        self._held_answers: dict[uuid.UUID, QuestionRecord] = {}
+        self._started = False
         self.stopped = anyio.Event()
 
     @property
@@ -194,9 +199,19 @@ class Supervisor:
 
     # ----------------------------------------------------------------- running
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold off every other change (answers, cancels) while restoring."""
+        async with self._lock:
+            yield
+
     def reset(self, state: SupervisorState) -> None:
-        """Take a restored state before the next run."""
+        """Take a restored state before the next run (inside :meth:`exclusive`).
+
+        The restoration read every answer committed so far, so none is held back.
+        """
         self.state = state
+        self._held_answers.clear()
 
     async def run(
         self,
@@ -204,8 +219,10 @@ class Supervisor:
         after_start: Callable[[], Awaitable[None]] | None = None,
     ) -> AgentExit:
         """Start the agent, feed it, apply what it says until it exits."""
-        self._stop_reason = None
         self.stopped = anyio.Event()
+        if self._stop_reason is not None or self.state.state.is_terminal:
+            # Cancelled, resumed or shut down while the agent was about to start.
+            return self._ended(None, self.state.state.is_terminal)
         self._waiting_for_tasks = self.state.state is SupervisorStateEnum.WAITING_FOR_TASKS
         try:
             agent = await AgentProcess.start(
@@ -233,18 +250,22 @@ class Supervisor:
                         transition(self.state.state, Event.AGENT_STARTED) is not self.state.state
                     ):
                         await self._change(Event.AGENT_STARTED)
-                await agent.send(
+                # A stop that came while the agent was starting found no agent to stop.
+                if self._stop_reason is None and await agent.send(
                     start_message(str(self.id), self.spec.name, self.spec.goal, restoration)
-                )
-                if after_start is not None:
-                    await after_start()
-                async for item in agent.lines():
-                    await self._handle(item)
-                exit_code = await self._await_exit(agent)
+                ):
+                    if after_start is not None:
+                        await after_start()
+                    self._started = True
+                    await self._send_held_answers()
+                    async for item in agent.lines():
+                        await self._handle(item)
+                    exit_code = await self._await_exit(agent)
                 # The agent is gone: what it left running is stopped.
                 tg.cancel_scope.cancel()
         finally:
             self._task_group = None
+            self._started = False
             with anyio.CancelScope(shield=True):
                 if exit_code is None:
                     exit_code = await agent.stop(self.grace)
@@ -263,8 +284,13 @@ class Supervisor:
             exit_code=exit_code,
             state=self.state.state.value,
         )
+        return self._ended(exit_code, finished)
+
+    def _ended(self, exit_code: int | None, finished: bool) -> AgentExit:
+        """The run is over: the stop that ended it is consumed."""
+        reason, self._stop_reason = self._stop_reason, None
         self.stopped.set()
-        return AgentExit(exit_code, finished, self._stop_reason)
+        return AgentExit(exit_code, finished, reason)
 
     async def _await_exit(self, agent: AgentProcess) -> int:
         """The agent closed its stdout; give it ``grace`` to exit, then stop it."""
@@ -284,6 +310,12 @@ class Supervisor:
         if agent is not None:
             await agent.send(cancel_message(detail))
             await agent.stop(self.grace)
+
+    async def _send_held_answers(self) -> None:
+        held = list(self._held_answers.values())
+        self._held_answers.clear()
+        for record in held:
+            await self.deliver_answer(record)
 
     async def give_up(self, reason: str) -> None:
         """Past the restart limit: the supervisor fails with ``reason``."""
@@ -576,8 +608,15 @@ class Supervisor:
         return record
 
     async def deliver_answer(self, record: QuestionRecord) -> bool:
-        """Send an answer to the running agent and record that it has it."""
-        if record.answer is None or self.agent is None:
+        """Send an answer to the running agent and record that it has it.
+
+        With no started agent, the answer waits for the next one: held here
+        until its start message is out, or read back by the next restoration.
+        """
+        if record.answer is None:
+            return False
+        if self.agent is None or not self._started:
+            self._held_answers[record.question_id] = record
             return False
         if not await self.agent.send(answer_message(str(record.question_id), record.answer)):
             return False

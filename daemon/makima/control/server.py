@@ -148,6 +148,7 @@ class ControlServer:
         self.daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
         self.send_timeout = send_timeout
         self._socket_gid = os.getgid()
+        self._effects: anyio.abc.TaskGroup | None = None
 
     async def listen(self, path: Path, mode: int = 0o660) -> anyio.abc.SocketListener:
         await prepare_socket_path(path)
@@ -166,8 +167,16 @@ class ControlServer:
         return await anyio.abc.SocketListener.from_socket(sock)
 
     async def serve(self, listener: anyio.abc.SocketListener) -> None:
-        async with listener:
+        async with anyio.create_task_group() as effects, listener:
+            self._effects = effects
             await listener.serve(self._connection)
+
+    def carry_out(self, after: Callable[[], Awaitable[None]]) -> None:
+        """Run what follows a committed change (an answer's delivery) in the server's
+        own task group: it belongs to the daemon, not to the client that asked."""
+        if self._effects is None:
+            raise RuntimeError("the control server is not serving")
+        self._effects.start_soon(_call, after)
 
     async def _connection(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
@@ -244,12 +253,17 @@ class _Connection:
                 log.exception("control.method_failed", method=request.method)
             await self._error(request, code, message, data)
             return
-        if request.id is not None:
-            await self.send(encode_result(request.id, outcome.result))
+        after = outcome.after if isinstance(outcome, Reply) else None
+        try:
+            if request.id is not None:
+                await self.send(encode_result(request.id, outcome.result))
+        finally:
+            # The change is committed: its effect follows even if this client
+            # has gone, or goes before the reply reaches it.
+            if after is not None:
+                self.server.carry_out(after)
         if isinstance(outcome, Stream):
             tg.start_soon(self._pump, outcome.events)
-        elif outcome.after is not None:
-            tg.start_soon(_call, outcome.after)
 
     async def _error(self, request: Request, code: ErrorCode, message: str, data: Any) -> None:
         if request.id is not None:

@@ -1,0 +1,199 @@
+"""Interleavings that once lost an answer, a cancel or a resume: each is forced
+with events around the real code, never with sleeps."""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from makima import repository as repo
+from makima.agent import AgentProcess
+from makima.control.client import ControlClient
+from makima.daemon import Daemon
+from makima.model import SupervisorStateEnum as S
+from makima.supervisor import Supervisor
+from tests.harness import DEADLINE, AgentChannel, Relay, client_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def started(client: ControlClient, relay: Relay) -> tuple[str, AgentChannel]:
+    sid = (await client.call("supervisor.create", {"name": "r", "command": relay.command}))[
+        "supervisor_id"
+    ]
+    agent = await relay.accept()
+    await agent.expect("start")
+    return str(sid), agent
+
+
+def hold(
+    monkeypatch: pytest.MonkeyPatch, owner: object, name: str
+) -> tuple[anyio.Event, anyio.Event]:
+    """Make ``owner.name`` (an async callable) stop on entry until released."""
+    entered, release = anyio.Event(), anyio.Event()
+    real: Callable[..., Awaitable[Any]] = getattr(owner, name)
+
+    @functools.wraps(real)
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await release.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, held)
+    return entered, release
+
+
+def on_entry(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> anyio.Event:
+    """An event set each time the method ``owner.name`` is entered."""
+    entered = anyio.Event()
+    real = getattr(owner, name)
+
+    @functools.wraps(real)
+    async def noted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, noted)
+    return entered
+
+
+def answer_and_half_close(path: str, question_id: str) -> bytes:
+    """A client that sends its request, shuts its sending side and reads the reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(DEADLINE)
+        s.connect(path)
+        request = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "question.answer",
+            "params": {"question_id": question_id, "answer": "ship"},
+        }
+        s.sendall(json.dumps(request).encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
+async def test_an_answer_reaches_the_agent_after_its_client_has_gone(
+    daemon: Daemon, client: ControlClient, relay: Relay
+) -> None:
+    _, agent = await started(client, relay)
+    qid = (await agent.request({"type": "ask", "question": "Ship?", "choices": ["ship"]}))[
+        "question_id"
+    ]
+    reply = await anyio.to_thread.run_sync(
+        answer_and_half_close, str(daemon.config.socket_path), qid
+    )
+    assert json.loads(reply)["result"]["question_id"] == qid
+    assert await agent.expect("answer") == {"type": "answer", "question_id": qid, "answer": "ship"}
+
+
+async def test_an_answer_given_while_the_agent_restarts_reaches_the_new_agent_once(
+    daemon: Daemon, client: ControlClient, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, agent = await started(client, relay)
+    qid = (await agent.request({"type": "ask", "question": "Ship?"}))["question_id"]
+    # hold the restoration between reading the state and writing it back
+    restoring, release = hold(monkeypatch, repo, "get_supervisor_messages")
+    answering = on_entry(monkeypatch, Supervisor, "answer")
+    await agent.close()  # the agent dies with its question open
+    result: dict[str, Any] = {}
+
+    async def answer() -> None:
+        async with client_for(daemon) as other:
+            result.update(await other.call("question.answer", {"question_id": qid, "answer": "y"}))
+
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(DEADLINE):
+            await restoring.wait()
+            tg.start_soon(answer)
+            await answering.wait()
+        release.set()
+        new_agent = await relay.accept()
+        start = await new_agent.expect("start")
+    assert result["answer"] == "y"
+    in_start = [a["question_id"] for a in start["restoration"]["undelivered_answers"]]
+    pending = [q["id"] for q in start["restoration"]["pending_questions"]]
+    if in_start:  # the answer landed first: the restoration carries it
+        assert in_start == [qid] and pending == []
+    else:  # the answer waited for the restoration: it follows the start message
+        assert pending == [qid]
+        assert await new_agent.expect("answer") == {
+            "type": "answer",
+            "question_id": qid,
+            "answer": "y",
+        }
+    # exactly once: the next thing the agent hears is the ack of its own request
+    assert (await new_agent.request({"type": "activity", "text": "after"}))["type"] == "ack"
+
+
+async def test_a_cancel_while_the_agent_restarts_is_not_undone(
+    daemon: Daemon, client: ControlClient, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid, agent = await started(client, relay)
+    restoring, release = hold(monkeypatch, repo, "get_supervisor_messages")
+    stopping = on_entry(monkeypatch, Supervisor, "stop")
+    launched: list[object] = []
+    real_start = AgentProcess.start
+
+    async def counted(*args: Any, **kwargs: Any) -> AgentProcess:
+        launched.append(args)
+        return await real_start(*args, **kwargs)
+
+    monkeypatch.setattr(AgentProcess, "start", counted)
+    await agent.close()
+    supervisor = daemon.supervisors[uuid.UUID(sid)]
+    async with anyio.create_task_group() as tg:
+
+        async def cancel() -> None:
+            async with client_for(daemon) as other:
+                await other.call("supervisor.cancel", {"supervisor_id": sid})
+
+        with anyio.fail_after(DEADLINE):
+            await restoring.wait()
+            tg.start_soon(cancel)
+            await stopping.wait()
+        release.set()
+    with anyio.fail_after(DEADLINE):
+        await supervisor.stopped.wait()
+    state = await repo.get_supervisor_state_for_restoration(daemon.db.pool, uuid.UUID(sid))
+    assert state is not None and state.state is S.FAILED
+    assert launched == []  # no agent was started for the cancelled supervisor
+    assert (await client.call("supervisor.get", {"supervisor_id": sid}))["state"] == "failed"
+
+
+async def test_a_resume_while_the_agent_starts_does_not_hang(
+    daemon: Daemon, client: ControlClient, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid, agent = await started(client, relay)
+    starting, release = hold(monkeypatch, AgentProcess, "start")
+    stopping = on_entry(monkeypatch, Supervisor, "stop")
+    await agent.close()  # the agent dies; its restart stops inside AgentProcess.start
+    result: dict[str, Any] = {}
+
+    async def resume() -> None:
+        async with client_for(daemon) as other:
+            result.update(await other.call("supervisor.resume", {"supervisor_id": sid}))
+
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(DEADLINE):
+            await starting.wait()
+            tg.start_soon(resume)
+            await stopping.wait()
+        release.set()
+        # the agent that was starting is stopped at once; the resumed one starts
+        first = await relay.accept()
+        assert await first.receive() is None  # closed without a start message
+        resumed = await relay.accept()
+        start = await resumed.expect("start")
+    assert start["restoration"]["source"] == "manual"
+    assert result["source"] == "manual"
