@@ -147,8 +147,13 @@ def main() -> None:
     show_default=True,
     help="What happens to tasks that were running when the daemon or an agent stopped.",
 )
-@click.option("--agent-restart-limit", type=int, default=5, show_default=True)
-@click.option("--agent-restart-window", type=float, default=300.0, show_default=True)
+@click.option("--agent-restart-limit", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option(
+    "--agent-restart-window",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+)
 def daemon(
     state_dir: Path | None,
     database_url: str | None,
@@ -206,7 +211,11 @@ def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--goal", default="", help="What the agent should achieve.")
-@click.option("--cwd", type=click.Path(file_okay=False), help="Working directory of the agent.")
+@click.option(
+    "--cwd",
+    type=click.Path(file_okay=False),
+    help="Working directory of the agent (default: the current directory).",
+)
 @click.option("--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Extra environment.")
 @socket_option
 def start(
@@ -220,8 +229,8 @@ def start(
     """Start a supervisor running COMMAND:  makima start NAME -- CMD ARGS..."""
     env = _parse_env(env_pairs)
     params: dict[str, Any] = {"name": name, "command": list(command), "goal": goal, "env": env}
-    if cwd is not None:
-        params["cwd"] = os.path.abspath(cwd)
+    # Relative paths in the command mean what they mean where it was typed.
+    params["cwd"] = os.path.abspath(cwd if cwd is not None else os.curdir)
     result = run_client(socket_path, lambda c: c.call("supervisor.create", params))
     click.echo(result["supervisor_id"])
 

@@ -9,14 +9,16 @@ stop agents and tasks, close the pool, stop the embedded database.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import signal
 import socket
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,9 +28,9 @@ import structlog
 from makima import repository as repo
 from makima.api import ControlApi
 from makima.config import DaemonConfig
-from makima.control.server import ControlServer
+from makima.control.server import ControlServer, prepare_socket_path
 from makima.database import Database, DatabaseConfig
-from makima.errors import ConflictError, NotFoundError
+from makima.errors import ConflictError, MakimaError, NotFoundError
 from makima.events import EventBus
 from makima.faults import FaultHook, Moment, SavePoint
 from makima.model import QuestionRecord, RestorationInfo, RestorationSource, SupervisorSpec
@@ -36,6 +38,31 @@ from makima.supervisor import StopReason, Supervisor
 from makima.systemd import Notifier, watchdog_interval
 
 log = structlog.get_logger("makima.daemon")
+
+
+LOCK_NAME = "daemon.lock"
+
+
+@contextlib.contextmanager
+def hold_state_dir(state_dir: Path) -> Iterator[None]:
+    """One daemon per state directory: an exclusive lock on ``daemon.lock`` in it,
+    held for the daemon's life (the kernel lets go of it when the process dies)."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise MakimaError(
+                f"another makima daemon (pid {holder}) is running on state directory {state_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 class Daemon:
@@ -83,6 +110,13 @@ class Daemon:
             state_dir=str(self.config.state_dir),
             embedded=self.config.database_url is None,
         )
+        with hold_state_dir(self.config.state_dir):
+            if self.listen_socket is None:
+                # Refuse before restoring anything when another daemon has the socket.
+                await prepare_socket_path(self.config.socket_path)
+            await self._run(task_status)
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[Daemon]) -> None:
         self.notifier.status("starting the database")
         self._db = await Database.open(
             DatabaseConfig(state_dir=self.config.state_dir, url=self.config.database_url)

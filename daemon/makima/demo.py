@@ -18,7 +18,7 @@ from rich.console import Console
 
 from makima import logs
 from makima.config import DaemonConfig, default_state_dir
-from makima.control.client import ControlClient
+from makima.control.client import ControlClient, RemoteError
 from makima.daemon import Daemon
 from makima.prompt import prompt_answer
 
@@ -119,7 +119,11 @@ async def _drive(socket_path: Path, preset: str | None, interactive: bool) -> in
                 else:
                     text = preset or (event["choices"][0] if event["choices"] else "yes")
                     console.print(f"  (answering {text!r}; pass --answer to choose)", markup=False)
-                await client.call("question.answer", {"question_id": qid, "answer": text})
+                try:
+                    await client.call("question.answer", {"question_id": qid, "answer": text})
+                except RemoteError as exc:  # e.g. --answer names no choice
+                    console.print(f"makima: {exc.message}", markup=False)
+                    return 1
             if kind == "supervisor.state_changed" and event["state"] in ("completed", "failed"):
                 body = await client.call("supervisor.get", {"supervisor_id": mine})
                 console.print(
