@@ -56,17 +56,11 @@ def unstorable(value: Any) -> str | None:
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            problem = _string_problem(item)
+            if (problem := _string_problem(item)) is not None:
+                return f"a string holds {problem}, which cannot be stored: {json.dumps(item)[:40]}"
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
-            continue
         elif isinstance(item, list):
             stack.extend(item)
-            continue
-        else:
-            continue
-        if problem is not None:
-            shown = json.dumps(item)[:40]
-            return f"a string holds {problem}, which cannot be stored: {shown}"
     return None

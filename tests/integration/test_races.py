@@ -64,6 +64,14 @@ def on_entry(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> anyio.E
     return entered
 
 
+async def call_elsewhere(
+    daemon: Daemon, method: str, params: dict[str, Any], result: dict[str, Any]
+) -> None:
+    """``method`` from a client of its own (it may wait while the test goes on)."""
+    async with client_for(daemon) as other:
+        result.update(await other.call(method, params))
+
+
 def answer_and_half_close(path: str, question_id: str) -> bytes:
     """A client that sends its request, shuts its sending side and reads the reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -107,15 +115,11 @@ async def test_an_answer_given_while_the_agent_restarts_reaches_the_new_agent_on
     answering = on_entry(monkeypatch, Supervisor, "answer")
     await agent.close()  # the agent dies with its question open
     result: dict[str, Any] = {}
-
-    async def answer() -> None:
-        async with client_for(daemon) as other:
-            result.update(await other.call("question.answer", {"question_id": qid, "answer": "y"}))
-
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(DEADLINE):
             await restoring.wait()
-            tg.start_soon(answer)
+            params = {"question_id": qid, "answer": "y"}
+            tg.start_soon(call_elsewhere, daemon, "question.answer", params, result)
             await answering.wait()
         release.set()
         new_agent = await relay.accept()
@@ -153,14 +157,10 @@ async def test_a_cancel_while_the_agent_restarts_is_not_undone(
     await agent.close()
     supervisor = daemon.supervisors[uuid.UUID(sid)]
     async with anyio.create_task_group() as tg:
-
-        async def cancel() -> None:
-            async with client_for(daemon) as other:
-                await other.call("supervisor.cancel", {"supervisor_id": sid})
-
         with anyio.fail_after(DEADLINE):
             await restoring.wait()
-            tg.start_soon(cancel)
+            params = {"supervisor_id": sid}
+            tg.start_soon(call_elsewhere, daemon, "supervisor.cancel", params, {})
             await stopping.wait()
         release.set()
     with anyio.fail_after(DEADLINE):
@@ -179,15 +179,11 @@ async def test_a_resume_while_the_agent_starts_does_not_hang(
     stopping = on_entry(monkeypatch, Supervisor, "stop")
     await agent.close()  # the agent dies; its restart stops inside AgentProcess.start
     result: dict[str, Any] = {}
-
-    async def resume() -> None:
-        async with client_for(daemon) as other:
-            result.update(await other.call("supervisor.resume", {"supervisor_id": sid}))
-
     async with anyio.create_task_group() as tg:
         with anyio.fail_after(DEADLINE):
             await starting.wait()
-            tg.start_soon(resume)
+            params = {"supervisor_id": sid}
+            tg.start_soon(call_elsewhere, daemon, "supervisor.resume", params, result)
             await stopping.wait()
         release.set()
         # the agent that was starting is stopped at once; the resumed one starts
