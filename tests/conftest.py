@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 
 from makima.database import apply_schema, create_pool, ensure_database
 from makima.embedded import ConnectParams, EmbeddedPostgres
+from makima.eventloop import Loop
 
 TEMPLATE = "makima_template"
 
@@ -28,8 +29,9 @@ settings.load_profile("makima")
 
 
 @pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    return "asyncio"  # asyncpg needs asyncio
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    # asyncpg needs asyncio; the loop is the daemon's own (makima.eventloop.Loop)
+    return "asyncio", {"loop_factory": Loop}
 
 
 def _in_thread(fn: object) -> None:

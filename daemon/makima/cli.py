@@ -15,13 +15,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-import anyio
 import click
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from makima import __version__
+from makima import __version__, eventloop
 from makima.config import DaemonConfig, TaskRestartPolicy, client_socket_path
 from makima.control.client import ControlClient, DaemonNotRunningError, RemoteError
 from makima.drill import DrillSettings
@@ -72,7 +71,7 @@ def run_client(
             return await action(client)
 
     try:
-        return anyio.run(main)
+        return eventloop.run(main)
     except DaemonNotRunningError as exc:
         fail(str(exc), no_daemon_code)
     except RemoteError as exc:
@@ -187,7 +186,7 @@ def daemon(
             listen_socket=sockets[0] if sockets else None,
             faults=FaultHook.from_env(),
         )
-        anyio.run(the_daemon.run)
+        eventloop.run(the_daemon.run)
     except MakimaError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -521,7 +520,7 @@ def demo(state_dir: Path | None, preset: str | None, timeout: float) -> None:
     from makima.demo import run_demo
 
     try:
-        code = anyio.run(run_demo, state_dir, preset, timeout)
+        code = eventloop.run(run_demo, state_dir, preset, timeout)
     except MakimaError as exc:
         fail(str(exc))
     sys.exit(code)
@@ -592,7 +591,7 @@ def drill(
 
     try:
         with progress:
-            report = anyio.run(run_drill, settings, show)
+            report = eventloop.run(run_drill, settings, show)
     except MakimaError as exc:
         fail(str(exc))
     if as_json:

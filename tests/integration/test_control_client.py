@@ -14,6 +14,7 @@ import anyio
 import anyio.abc
 import pytest
 
+from makima.control import client as client_module
 from makima.control.client import (
     CallTimeoutError,
     ConnectionClosedError,
@@ -291,12 +292,8 @@ async def test_server_closing_fails_a_waiting_call(socket_path: Path) -> None:
         (b"{not json\n", "sent a bad line: invalid JSON"),
         (b" " * (MAX_LINE + 1), f"sent a bad line: line longer than {MAX_LINE} bytes"),
         (b'{"jsonrpc":"2.0","id":1,"method":"x"}\n', "sent a bad line: the server sent a request"),
-        (
-            encode_error(None, ErrorCode.PARSE_ERROR, "invalid JSON: oops"),
-            r"could not read a request: invalid JSON: oops \(-32700\)",
-        ),
     ],
-    ids=["bad-json", "too-long", "request", "null-id-error"],
+    ids=["bad-json", "too-long", "request"],
 )
 async def test_protocol_violation_by_the_server(
     socket_path: Path, data: bytes, message: str
@@ -317,6 +314,77 @@ async def test_protocol_violation_by_the_server(
                 async with client.events():
                     pass
         assert reader_tasks() == []
+
+
+REFUSAL = encode_error(None, ErrorCode.FORBIDDEN, "uid 65534 may not use this daemon")
+
+
+async def refuse(peer: Peer) -> None:
+    """What the daemon does with a peer it refuses: say why at once, then hang up."""
+    await peer.send(REFUSAL)
+
+
+async def test_an_error_without_id_fails_the_connection(socket_path: Path) -> None:
+    for _ in range(10):  # the request goes out before or after the daemon hangs up
+        with anyio.fail_after(5):
+            async with (
+                fake_daemon(socket_path, refuse),
+                ControlClient.connect(socket_path) as client,
+            ):
+                with pytest.raises(RemoteError) as caught:
+                    await client.call("daemon.hello")
+                assert caught.value.error_code is ErrorCode.FORBIDDEN
+                assert str(caught.value) == (
+                    "forbidden (-32004): uid 65534 may not use this daemon"
+                )
+                with pytest.raises(RemoteError):  # and the connection is over
+                    await client.call("daemon.hello")
+        await anyio.Path(socket_path).unlink()
+
+
+class SendsAfterHangUp(anyio.abc.ByteStream):
+    """The client's end, holding each send until the daemon has hung up."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, hung_up: anyio.Event) -> None:
+        self.stream = stream
+        self.hung_up = hung_up
+
+    async def send(self, item: bytes) -> None:
+        await self.hung_up.wait()
+        await self.stream.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.stream.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def test_a_refusal_read_after_the_request_failed_to_go_out(
+    socket_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hung_up = anyio.Event()
+
+    async def refuse_and_tell(peer: Peer) -> None:
+        await refuse(peer)
+        await peer.stream.aclose()
+        hung_up.set()
+
+    async def open_late(path: str, limit: float) -> anyio.abc.ByteStream:
+        return SendsAfterHangUp(await anyio.connect_unix(path), hung_up)
+
+    monkeypatch.setattr(client_module, "_open", open_late)
+    with anyio.fail_after(5):
+        async with (
+            fake_daemon(socket_path, refuse_and_tell),
+            ControlClient.connect(socket_path) as client,
+        ):
+            with pytest.raises(RemoteError) as caught:  # not "broken pipe"
+                await client.call("daemon.hello")
+            assert caught.value.error_code is ErrorCode.FORBIDDEN
 
 
 async def test_call_timeout(socket_path: Path) -> None:

@@ -41,6 +41,7 @@ from makima.control.codec import (
     Response,
     encode_request,
 )
+from makima.control.streams import hang_up
 from makima.errors import InvalidValueError, MakimaError
 
 EVENT_METHOD = "event"
@@ -182,6 +183,7 @@ class ControlClient:
         self._pending: dict[int, _Waiter] = {}
         self._subscription: EventSubscription | None = None
         self._failure: _ErrorFactory | None = None
+        self._finished = anyio.Event()
 
     @classmethod
     @asynccontextmanager
@@ -213,12 +215,11 @@ class ControlClient:
                         partial(ConnectionClosedError, "this control client is closed"),
                         clean=True,
                     )
-                    # Closing wakes the reader, which then ends by itself: cancelling its
-                    # pending receive races in anyio's asyncio UNIX stream (a queued
-                    # set_result on a cancelled future, cf. agronholm/anyio#1267).
-                    with anyio.CancelScope(shield=True):
-                        await stream.aclose()
-                    tg.cancel_scope.cancel()
+                    # The reader wakes at the hang-up and ends by itself (see hang_up).
+                    if not hang_up(stream):
+                        with anyio.CancelScope(shield=True):
+                            await stream.aclose()
+                        tg.cancel_scope.cancel()
             if failure is not None:
                 raise failure
 
@@ -245,7 +246,13 @@ class ControlClient:
         limit = self.timeout
         try:
             with anyio.fail_after(limit):
-                await self._send(line, method)
+                try:
+                    await self._send(line, method)
+                except ConnectionClosedError:
+                    # The daemon may have answered and closed before the request went
+                    # out (a refused peer): the reader, which ends with the connection,
+                    # has the better reason.
+                    await self._finished.wait()
                 await waiter.done.wait()
         except CallTimeoutError:
             raise
@@ -350,10 +357,12 @@ class ControlClient:
                 self._subscription._put(frame.params)
             return True
         if frame.id is None:
-            assert frame.error is not None  # the codec allows a null id only with an error
-            return self._broken(
-                f"could not read a request: {frame.error.message} ({frame.error.code})"
-            )
+            # An error the daemon could not tie to a request (e.g. -32004, this peer may
+            # not use it): it concerns the whole connection, so every call fails with it.
+            error = frame.error
+            assert error is not None  # the codec allows a null id only with an error
+            self._finish(partial(RemoteError, error.code, error.message, error.data), clean=False)
+            return False
         waiter = self._pending.pop(frame.id, None) if isinstance(frame.id, int) else None
         if waiter is not None:  # else its caller gave up (timeout, cancellation)
             waiter.response = frame
@@ -372,6 +381,7 @@ class ControlClient:
         if self._failure is not None:
             return
         self._failure = error
+        self._finished.set()
         for waiter in self._pending.values():
             waiter.error = error
             waiter.done.set()

@@ -31,6 +31,7 @@ from makima.control.codec import (
     encode_notification,
     encode_result,
 )
+from makima.control.streams import hang_up
 from makima.errors import (
     ConflictError,
     DatabaseUnavailableError,
@@ -45,6 +46,10 @@ from makima.errors import (
 log = structlog.get_logger("makima.control")
 
 EVENT_METHOD = "event"
+REFUSAL_LINGER = 2.0
+"""Seconds a refused peer's connection stays open for it to read why."""
+MAX_REFUSED_INPUT = 64 * 1024
+"""Bytes read (and dropped) from a refused peer before its connection is closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,17 +197,27 @@ class ControlServer:
             )
             if not allowed:
                 log.warning("control.peer_refused", pid=peer.pid, uid=peer.uid, gid=peer.gid)
-                with contextlib.suppress(Exception):
-                    await stream.send(
-                        encode_error(
-                            None,
-                            ErrorCode.FORBIDDEN,
-                            f"uid {peer.uid} may not use this daemon: it needs to be root, "
-                            f"uid {self.daemon_uid}, or in group {self._socket_gid}",
-                        )
-                    )
+                await _refuse(
+                    stream,
+                    f"uid {peer.uid} may not use this daemon: it needs to be root, "
+                    f"uid {self.daemon_uid}, or in group {self._socket_gid}",
+                )
                 return
             await _Connection(self, stream, peer).run()
+
+
+async def _refuse(stream: anyio.abc.SocketStream, message: str) -> None:
+    """Tell a refused peer why, then read what it sends until it hangs up (briefly).
+
+    Closing at once could beat the peer's first request: its send would then fail
+    (EPIPE) before it read the reason, and it would report a broken pipe instead.
+    """
+    with contextlib.suppress(Exception), anyio.move_on_after(REFUSAL_LINGER):
+        await stream.send(encode_error(None, ErrorCode.FORBIDDEN, message))
+        await stream.send_eof()
+        received = 0
+        while received < MAX_REFUSED_INPUT:
+            received += len(await stream.receive())
 
 
 async def _call(function: Callable[[], Awaitable[None]]) -> None:
@@ -278,5 +293,4 @@ class _Connection:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         finally:
-            with contextlib.suppress(Exception):
-                await self.stream.aclose()
+            hang_up(self.stream)  # the reading side then ends the connection
