@@ -199,11 +199,11 @@ async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSour
         if checkpoint is None:
             action = StateRecoveryAction.START_FRESH
             validation = StateValidationResult(False, validation.issues, action)
-            state = fresh_state(sid, None)
+            state = fresh_state(sid, None, questions)
         else:
             state = await _repaired(daemon, checkpoint.snapshot, loaded.tasks, questions)
     elif action is StateRecoveryAction.START_FRESH:
-        state = fresh_state(sid, loaded.state)
+        state = fresh_state(sid, loaded.state, questions)
     else:  # MARK_FAILED
         base = loaded.state or fresh_state(sid, None)
         state = dataclasses.replace(
@@ -300,8 +300,10 @@ async def write(daemon: Daemon, plans: Sequence[Plan]) -> None:
 
 def start_payload(p: Plan) -> dict[str, Any] | None:
     """The ``restoration`` object of the agent's ``start`` message (step 9)."""
-    if p.outcome is Outcome.FRESH:
-        return None  # a fresh start is a first start for the agent
+    if p.outcome is Outcome.FRESH and not p.state.pending_questions:
+        # A fresh start is a first start for the agent, unless questions it asked
+        # are still open: then it gets them back, and asking again takes them.
+        return None
     context = SupervisorRestorationContext(
         supervisor_id=p.supervisor_id,
         source=p.source,

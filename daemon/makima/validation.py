@@ -97,6 +97,11 @@ def state_issues(
             issues.append(f"pending question {pending.id} has no row in questions")
         elif record.is_answered:
             issues.append(f"pending question {pending.id} was already answered")
+    if state.state.is_unfinished:
+        listed = set(ids)
+        for record in questions:
+            if not record.is_answered and record.question_id not in listed:
+                issues.append(f"question {record.question_id} is unanswered but not pending")
     if state.state is S.WAITING_FOR_USER and not state.pending_questions:
         issues.append("state is waiting_for_user but no question is pending")
     unfinished = [t for t in tasks if not t.status.is_finished]
@@ -147,6 +152,8 @@ def repair_state(
             continue
         seen.add(question.id)
         pending.append(question)
+    if state.state.is_unfinished:  # a question still open is never dropped
+        pending += open_questions(questions, exclude=seen)
     # Listed ids that have a row, in their order, then the unlisted rows (linear).
     present = {t.task_id for t in tasks}
     listed = dict.fromkeys(t for t in state.spawned_task_ids if t in present)
@@ -172,11 +179,26 @@ def questions_to_record(
     return [q for q in state.pending_questions if q.id not in known]
 
 
-def fresh_state(supervisor_id: uuid.UUID, previous: SupervisorState | None) -> SupervisorState:
-    """A new beginning that keeps the restoration bookkeeping."""
+def open_questions(
+    questions: Sequence[QuestionRecord], exclude: set[uuid.UUID] | None = None
+) -> list[PendingQuestion]:
+    """The unanswered questions (but those in ``exclude``), oldest first."""
+    skip = exclude or set()
+    records = [q for q in questions if not q.is_answered and q.question_id not in skip]
+    return [q.pending() for q in sorted(records, key=lambda q: (q.asked_at, str(q.question_id)))]
+
+
+def fresh_state(
+    supervisor_id: uuid.UUID,
+    previous: SupervisorState | None,
+    questions: Sequence[QuestionRecord] = (),
+) -> SupervisorState:
+    """A new beginning that keeps the restoration bookkeeping and the questions still
+    open: a person may be answering one, and the agent gets it back by asking again."""
     return SupervisorState(
         supervisor_id=supervisor_id,
         state=S.INITIALIZING,
+        pending_questions=tuple(open_questions(questions)),
         restoration_count=previous.restoration_count if previous else 0,
         last_restored_at=previous.last_restored_at if previous else None,
         restoration_source=previous.restoration_source if previous else None,

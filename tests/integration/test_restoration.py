@@ -263,6 +263,9 @@ async def test_startup_repairs_reverts_starts_fresh_and_fails(
             supervisor_id=b.supervisor_id, state=S.WORKING, phase="p1", progress=30
         )
         await repo.save_supervisor_checkpoint(pool, b.supervisor_id, snapshot, "phase_change")
+        # asked after the checkpoint, still open: going back must not drop it
+        later = PendingQuestion(id=uuid.uuid4(), question="Which region?")
+        await repo.record_question_asked(pool, b.supervisor_id, later, S.WAITING_FOR_USER)
         await pool.execute(
             'UPDATE supervisor_states SET pending_questions = \'[{"id": "garbage"}]\', '
             "restoration_count = 5 WHERE supervisor_id = $1",
@@ -271,6 +274,8 @@ async def test_startup_repairs_reverts_starts_fresh_and_fails(
         # (c) a spec whose state row is gone: starts fresh with a warning
         c = SupervisorSpec.new("fresh-me", relay.command)
         await repo.create_supervisor(pool, c)
+        fresh_question = PendingQuestion(id=uuid.uuid4(), question="Name it?")
+        await repo.record_question_asked(pool, c.supervisor_id, fresh_question, S.WAITING_FOR_USER)
         await pool.execute(
             "DELETE FROM supervisor_states WHERE supervisor_id = $1", c.supervisor_id
         )
@@ -320,9 +325,21 @@ async def test_startup_repairs_reverts_starts_fresh_and_fails(
             agent = await relay.accept()
             start = await agent.expect("start")
             starts[start["name"]] = start
-        assert starts["fresh-me"]["restoration"] is None
-        assert starts["revert-me"]["restoration"]["phase"] == "p1"
-        assert starts["revert-me"]["restoration"]["progress"] == 30
+        # a fresh start begins again, but open questions stay open and are handed back
+        fresh = starts["fresh-me"]["restoration"]
+        assert fresh["phase"] is None and fresh["progress"] == 0
+        assert [q["id"] for q in fresh["pending_questions"]] == [str(fresh_question.id)]
+        assert fresh["state"] == "waiting_for_user"
+        reverted = starts["revert-me"]["restoration"]
+        assert reverted["phase"] == "p1" and reverted["progress"] == 30
+        assert [q["id"] for q in reverted["pending_questions"]] == [str(later.id)]
+        assert reverted["state"] == "waiting_for_user"
+        listed = await client.call("question.list")
+        assert {q["question_id"] for q in listed["questions"]} == {
+            str(question.id),
+            str(later.id),
+            str(fresh_question.id),
+        }
         assert starts["repair-me"]["restoration"]["state"] == "working"
         assert starts["restore-me"]["restoration"]["pending_questions"][0]["id"] == str(question.id)
         failed = await client.call("supervisor.get", {"supervisor_id": str(d.supervisor_id)})
