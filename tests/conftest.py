@@ -4,6 +4,7 @@ test cloned from a template that already has the schema."""
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 import threading
 import uuid
@@ -26,6 +27,21 @@ TEMPLATE = "makima_template"
 # deadline and no "generation is slow" failure when CI shares its cores.
 settings.register_profile("makima", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("makima")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_children() -> Iterator[None]:
+    """Tests press Ctrl-C (SIGINT) in CLI children. A suite started in the background
+    of a non-interactive shell inherits SIGINT ignored, and so would its children,
+    which would then never see it: give them the default disposition back."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="session")

@@ -159,6 +159,10 @@ async def on_terminal(
                         shown += chunk
                     if isinstance(reply, signal.Signals):
                         process.send_signal(reply)
+                        # A signal that lands after the prompt is written but before
+                        # the read starts is only acted on once the read returns
+                        # (CPython checks signals then): a key press settles it.
+                        os.write(master, b"\n")
                     else:
                         os.write(master, reply.encode())
                 while chunk := await read_terminal(master):
