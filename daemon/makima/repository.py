@@ -759,6 +759,7 @@ async def answer_question(
     answered_by_uid: int | None,
     *,
     state: SupervisorStateEnum | None = None,
+    retry: bool = False,
 ) -> QuestionRecord:
     """Record the one answer to a question and drop it from ``pending_questions``;
     with ``state``, also move the supervisor to that state.
@@ -766,6 +767,9 @@ async def answer_question(
     One transaction. Raises NotFoundError for an unknown question,
     ConflictError (with the existing answer in ``data``) when it was answered
     already, InvalidAnswerError when ``answer`` is not one of the choices.
+    With ``retry`` (this call repeats one whose outcome was lost with its
+    connection), the same answer by the same uid already recorded is that
+    call's own commit: it is returned, not refused.
     """
     async with transaction(db) as conn:
         row = await conn.fetchrow(
@@ -774,6 +778,8 @@ async def answer_question(
         if row is None:
             raise NotFoundError(f"no question {question_id}")
         existing = QuestionRecord.from_row(row)
+        if retry and (existing.answer, existing.answered_by_uid) == (answer, answered_by_uid):
+            return existing
         if existing.is_answered:
             raise ConflictError(
                 f"question {question_id} was already answered",

@@ -590,10 +590,16 @@ class Supervisor:
             target: SupervisorStateEnum | None = None
             if not remaining and is_allowed(old.state, Event.ANSWERED):
                 target = transition(old.state, Event.ANSWERED)
-            record = await self._save(
-                SavePoint.ANSWER,
-                lambda pool: repo.answer_question(pool, question_id, answer, uid, state=target),
-            )
+            attempts = 0
+
+            def save(pool: Pool) -> Awaitable[QuestionRecord]:
+                nonlocal attempts
+                attempts += 1
+                return repo.answer_question(
+                    pool, question_id, answer, uid, state=target, retry=attempts > 1
+                )
+
+            record = await self._save(SavePoint.ANSWER, save)
             self.state = dataclasses.replace(
                 old, pending_questions=remaining, state=target or old.state
             )
@@ -613,7 +619,7 @@ class Supervisor:
         With no started agent, the answer waits for the next one: held here
         until its start message is out, or read back by the next restoration.
         """
-        if record.answer is None:
+        if record.answer is None or record.delivered_at is not None:
             return False
         if self.agent is None or not self._started:
             self._held_answers[record.question_id] = record

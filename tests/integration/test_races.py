@@ -11,11 +11,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import asyncpg
 import pytest
 
 from makima import repository as repo
 from makima.agent import AgentProcess
-from makima.control.client import ControlClient
+from makima.control.client import ControlClient, RemoteError
 from makima.daemon import Daemon
 from makima.model import SupervisorStateEnum as S
 from makima.supervisor import Supervisor
@@ -193,3 +194,41 @@ async def test_a_resume_while_the_agent_starts_does_not_hang(
         start = await resumed.expect("start")
     assert start["restoration"]["source"] == "manual"
     assert result["source"] == "manual"
+
+
+async def test_an_answer_whose_commit_reply_was_lost_is_not_refused_as_a_second_answer(
+    daemon: Daemon, client: ControlClient, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection drops after COMMIT went through but before its reply came back:
+    the save point is retried, finds its own answer, and carries on as committed."""
+    sid, agent = await started(client, relay)
+    qid = (await agent.request({"type": "ask", "question": "Ship?", "choices": ["ship"]}))[
+        "question_id"
+    ]
+    real = repo.answer_question
+    calls: list[bool] = []
+
+    async def reply_lost_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("retry", False))
+        record = await real(*args, **kwargs)  # committed
+        if len(calls) == 1:
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+        return record
+
+    monkeypatch.setattr(repo, "answer_question", reply_lost_once)
+    with anyio.fail_after(DEADLINE):
+        result = await client.call("question.answer", {"question_id": qid, "answer": "ship"})
+        assert result["answer"] == "ship"
+        assert calls == [False, True]
+        assert await agent.expect("answer") == {
+            "type": "answer",
+            "question_id": qid,
+            "answer": "ship",
+        }
+        body = await client.call("supervisor.get", {"supervisor_id": sid})
+        assert body["state"] == "working" and body["pending_questions"] == []
+        # a second answer, from anyone, is still refused
+        with pytest.raises(RemoteError, match="already answered"):
+            await client.call("question.answer", {"question_id": qid, "answer": "ship"})
+        # and the agent heard the answer once
+        assert (await agent.request({"type": "activity", "text": "after"}))["type"] == "ack"
