@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from makima import __version__, eventloop
@@ -100,6 +100,11 @@ async def resolve_id(client: ControlClient, text: str, kind: str) -> str:
     if len(matches) == 1:
         return matches[0]
     if not matches:
+        if kind == "question":
+            raise MakimaError(
+                f"no open question id starts with {text!r} (`makima questions` lists them;"
+                " an answered one is no longer open)"
+            )
         raise MakimaError(f"no {kind} id starts with {text!r}")
     raise MakimaError(f"{text!r} matches {len(matches)} {kind}s; give more characters")
 
@@ -111,6 +116,27 @@ def short(value: str | None) -> str:
 def cell(value: object) -> Text:
     """A table cell shown as it is: names, questions and activities are data, not markup."""
     return Text("" if value is None else str(value))
+
+
+def line(value: object) -> Text:
+    """A listing cell: data as it is, on one line, cut with an ellipsis when too long."""
+    return Text("" if value is None else str(value), no_wrap=True, overflow="ellipsis")
+
+
+def key(header: str, *, right: bool = False) -> Column:
+    """A listing column never cut: ids, states, numbers."""
+    return Column(header, no_wrap=True, justify="right" if right else "left")
+
+
+def free(header: str, *, max_width: int | None = None) -> Column:
+    """A listing column of free text (cells made with :func:`line`), the one to shrink."""
+    return Column(header, overflow="ellipsis", max_width=max_width)
+
+
+def listing(*columns: Column) -> Table:
+    """Rows to scan, one line each, at any terminal width: ids and states are whole,
+    free text is cut (``show`` and ``--json`` have all of it)."""
+    return Table(*columns, box=None, pad_edge=False, padding=(0, 1), header_style="bold")
 
 
 # --------------------------------------------------------------------------- group
@@ -248,17 +274,26 @@ def list_command(show_all: bool, as_json: bool, socket_path: Path | None) -> Non
     if not rows:
         err.print("no supervisors" + ("" if show_all else " (unfinished; --all for every one)"))
         return
-    table = Table("id", "name", "state", "phase", "progress", "questions", "restored", "activity")
+    table = listing(
+        key("id"),
+        free("name", max_width=24),
+        key("state"),
+        free("phase", max_width=16),
+        key("progress", right=True),
+        key("questions", right=True),
+        key("restored", right=True),
+        free("activity"),
+    )
     for r in rows:
         table.add_row(
             short(r["supervisor_id"]),
-            cell(r["name"]),
+            line(r["name"]),
             r["state"],
-            cell(r["phase"]),
+            line(r["phase"]),
             f"{r['progress']}%",
             str(r["pending_questions"]),
             str(r["restoration_count"]),
-            cell(r["current_activity"] or r.get("error_message")),
+            line(r["current_activity"] or r.get("error_message")),
         )
     out.print(table)
 
@@ -279,7 +314,7 @@ def show(supervisor: str, as_json: bool, socket_path: Path | None) -> None:
         print_json(body)
         return
     table = Table.grid(padding=(0, 2))
-    for key in (
+    for field in (
         "supervisor_id",
         "name",
         "goal",
@@ -294,7 +329,7 @@ def show(supervisor: str, as_json: bool, socket_path: Path | None) -> None:
         "last_heartbeat",
         "created_at",
     ):
-        table.add_row(key, cell(body.get(key)))
+        table.add_row(field, cell(body.get(field)))
     out.print(table)
     if body.get("pending_questions"):
         out.print("\nopen questions:")
@@ -302,12 +337,19 @@ def show(supervisor: str, as_json: bool, socket_path: Path | None) -> None:
             choices = f"  [{' / '.join(q['choices'])}]" if q["choices"] else ""
             out.print(f"  {short(q['id'])}  {q['question']}{choices}", markup=False)
     if body.get("tasks"):
-        tasks = Table("task", "name", "status", "exit", "attempts")
+        tasks = listing(
+            key("task"),
+            free("name"),
+            key("status"),
+            key("exit", right=True),
+            key("attempts", right=True),
+        )
         for t in body["tasks"]:
             code = "" if t["exit_code"] is None else str(t["exit_code"])
             tasks.add_row(
-                short(t["task_id"]), cell(t["name"]), t["status"], code, str(t["attempts"])
+                short(t["task_id"]), line(t["name"]), t["status"], code, str(t["attempts"])
             )
+        out.print()
         out.print(tasks)
 
 
@@ -404,14 +446,20 @@ def questions(supervisor: str | None, as_json: bool, socket_path: Path | None) -
     if not rows:
         err.print("no open questions")
         return
-    table = Table("question", "supervisor", "asked", "question text", "choices")
+    table = listing(
+        key("question"),
+        key("supervisor"),
+        key("asked"),
+        free("question text"),
+        free("choices", max_width=30),
+    )
     for q in rows:
         table.add_row(
             short(q["question_id"]),
             short(q["supervisor_id"]),
             q["asked_at"][11:19],
-            cell(q["question"]),
-            cell(" / ".join(q["choices"]) or "(free text)"),
+            line(q["question"]),
+            line(" / ".join(q["choices"]) or "(free text)"),
         )
     out.print(table)
 

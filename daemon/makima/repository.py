@@ -782,7 +782,7 @@ async def answer_question(
             return existing
         if existing.is_answered:
             raise ConflictError(
-                f"question {question_id} was already answered",
+                f"question {question_id} was already answered: {existing.answer!r}",
                 {
                     "question_id": str(question_id),
                     "answer": existing.answer,

@@ -286,6 +286,19 @@ async def test_supervisor_commands(daemon: Daemon, client: ControlClient, relay:
         assert cell in row, (cell, row)
     assert done_id[:8] not in ls.out
 
+    # on a narrow terminal: one line per supervisor, id and state whole, text cut
+    with anyio.fail_after(DEADLINE):
+        narrow = await anyio.run_process(
+            cli_command("ls", "--all"),
+            stdin=subprocess.DEVNULL,
+            env={**cli_env(socket_path), "COLUMNS": "60"},
+        )
+    lines = narrow.stdout.decode().splitlines()
+    assert len(lines) == 3 and all(len(line) <= 60 for line in lines), lines
+    assert sid[:8] in lines[1] + lines[2] and done_id[:8] in lines[1] + lines[2], lines
+    assert any("working" in line and sid[:8] in line for line in lines), lines
+    assert any("completed" in line and done_id[:8] in line for line in lines), lines
+
     assert ls_all.code == 0 and sid[:8] in ls_all.out, ls_all
     assert "completed" in next(line for line in ls_all.out.splitlines() if done_id[:8] in line)
 
@@ -446,7 +459,10 @@ async def test_questions_answers_and_watch(
     assert await delivered(agent) == {"type": "answer", "question_id": qid, "answer": "hold"}
     # exactly once
     run = await makima(socket_path, "answer", qid, "ship")
-    assert run.code == 1 and "already answered" in run.one_error_line()
+    assert run.code == 1 and "already answered: 'hold'" in run.one_error_line()
+    # an answered question is no longer open: its prefix says so
+    run = await makima(socket_path, "answer", qid[:8], "ship")
+    assert run.code == 1 and "no open question id starts with" in run.one_error_line(), run
 
     # on a terminal: the choices are shown, a bad pick asks again, "2" picks the second
     qid = (
