@@ -607,6 +607,21 @@ async def interrupt_unfinished_tasks(db: Db, supervisor_id: uuid.UUID) -> list[T
     return [TaskRecord.from_row(r) for r in rows]
 
 
+async def requeue_interrupted_tasks(
+    db: Db, supervisor_id: uuid.UUID, since: datetime | None
+) -> list[TaskRecord]:
+    """Put back to ``pending`` the tasks interrupted after ``since`` (all, with None):
+    a stop interrupted them and no agent has heard of it, so they may run again."""
+    rows = await db.fetch(
+        "UPDATE tasks SET status = 'pending', finished_at = NULL, exit_code = NULL "
+        "WHERE supervisor_id = $1 AND status = 'interrupted' "
+        f"AND ($2::timestamptz IS NULL OR finished_at > $2) RETURNING {_TASK}",
+        supervisor_id,
+        since,
+    )
+    return [TaskRecord.from_row(r) for r in rows]
+
+
 # --------------------------------------------------------------------------- messages, checkpoints
 
 

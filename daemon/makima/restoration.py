@@ -214,12 +214,22 @@ async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSour
     result = Plan(loaded, source, validation, state, list(loaded.tasks), outcome=_OUTCOME[action])
     if not result.launches:
         return result
-    # Step 8: tasks that were running when the agent or daemon stopped.
+    # Step 8: tasks that were running when the agent or daemon stopped. After a crash
+    # their rows still say so; a clean stop marked them interrupted, and those (since
+    # the last restoration: no agent has been told of them yet) count the same.
+    rerun = daemon.config.task_restart_policy is TaskRestartPolicy.RERUN
+    if rerun:
+        since = loaded.state.last_restored_at if loaded.state is not None else None
+        requeued = await db.save(
+            lambda pool: repo.requeue_interrupted_tasks(pool, sid, since), "restore_tasks"
+        )
+        by_id = {t.task_id: t for t in requeued}
+        result.tasks = [by_id.get(t.task_id, t) for t in result.tasks]
     unfinished = [t for t in result.tasks if not t.status.is_finished]
     if unfinished:
         # A crashed daemon left these processes running: stop them first.
         await anyio.to_thread.run_sync(stop_orphaned_tasks, {str(t.task_id) for t in unfinished})
-        if daemon.config.task_restart_policy is TaskRestartPolicy.RERUN:
+        if rerun:
             result.rerun = unfinished
         else:
             interrupted = await db.save(

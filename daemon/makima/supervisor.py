@@ -571,7 +571,13 @@ class Supervisor:
         # running (and is answered here) or sees it gone (and answers itself).
         async with self._lock:
             self._running_tasks.pop(task.task_id, None)
-            all_done = self._waiting_for_tasks and not self._running_tasks
+            # An interrupted task did not finish: its agent is going away, and the
+            # wait is settled by the restoration that follows (re-run or reported).
+            all_done = (
+                self._waiting_for_tasks
+                and not self._running_tasks
+                and outcome.status is not TaskStatus.INTERRUPTED
+            )
             if all_done:
                 self._waiting_for_tasks = False
                 if self.state.state is SupervisorStateEnum.WAITING_FOR_TASKS:

@@ -80,3 +80,60 @@ async def test_running_task_after_sigkill(
         assert state is not None and state.state.value == "completed"
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("policy", ["interrupt", "rerun"])
+async def test_running_task_after_a_clean_stop(
+    policy: str, db_params: ConnectParams, short_tmp: Path, relay: Relay
+) -> None:
+    """SIGTERM: the daemon stops the task itself (interrupted); the policy then decides
+    as after a crash. (The supervisor resumes working: a clean stop recorded it as
+    interrupted, not as waiting; the agent waits again if it wants to.)"""
+    async with daemon_process(short_tmp, db_params) as proc:
+        await proc.start(args=["--task-restart-policy", policy])
+        async with ControlClient.connect(proc.socket_path, timeout=DEADLINE) as client:
+            created = await client.call(
+                "supervisor.create", {"name": policy, "command": relay.command}
+            )
+            agent = await relay.accept()
+            await agent.expect("start")
+            task_id = (
+                await agent.request({"type": "spawn", "name": "long", "command": ["sleep", "300"]})
+            )["task_id"]
+            await agent.request({"type": "wait_tasks"})
+        with anyio.fail_after(DEADLINE):
+            while not find_task_processes({task_id}):
+                await anyio.wait_all_tasks_blocked()
+        assert await proc.terminate() == 0
+        with anyio.fail_after(DEADLINE):
+            while await agent.receive() is not None:
+                pass
+        assert find_task_processes({task_id}) == {}  # stopped with the daemon
+
+        await proc.start(args=["--task-restart-policy", policy])
+        agent = await relay.accept()
+        restoration = (await agent.expect("start"))["restoration"]
+        (listed,) = restoration["tasks"]
+        if policy == "rerun":
+            assert listed["status"] == "pending" and restoration["state"] == "working"
+            with anyio.fail_after(DEADLINE):
+                while not find_task_processes({task_id}):
+                    await anyio.wait_all_tasks_blocked()
+        else:
+            assert listed["status"] == "interrupted" and restoration["state"] == "working"
+        await agent.request({"type": "done"})
+        assert await agent.receive() is None
+        await proc.terminate()
+    pool = await create_pool(db_params, min_size=1, max_size=1)
+    try:
+        task = await repo.get_task(pool, uuid.UUID(task_id))
+        assert task is not None
+        assert task.attempts == (2 if policy == "rerun" else 1)
+        assert task.status.value == ("cancelled" if policy == "rerun" else "interrupted")
+        state = await repo.get_supervisor_state_for_restoration(
+            pool, uuid.UUID(created["supervisor_id"])
+        )
+        assert state is not None and state.state.value == "completed"
+        assert state.restoration_count == 1
+    finally:
+        await pool.close()

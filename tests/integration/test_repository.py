@@ -124,6 +124,37 @@ async def test_task_lifecycle(pool: asyncpg.Pool) -> None:
         await repo.finish_task(pool, task.task_id, TaskStatus.RUNNING, None, None)
 
 
+async def test_requeue_interrupted_tasks_only_since_the_last_restoration(
+    pool: asyncpg.Pool,
+) -> None:
+    sid = await new_supervisor(pool)
+    old, new, done = [
+        await repo.create_task(pool, TaskRecord(uuid.uuid4(), sid, name, ("sleep", "9")))
+        for name in ("old", "new", "done")
+    ]
+    for task in (old, new, done):
+        await repo.mark_task_running(pool, task.task_id)
+    await repo.finish_task(pool, done.task_id, TaskStatus.SUCCEEDED, 0, "")
+    await repo.finish_task(pool, old.task_id, TaskStatus.INTERRUPTED, None, "")
+    since = await pool.fetchval("SELECT finished_at FROM tasks WHERE task_id = $1", old.task_id)
+    await pool.execute(  # interrupted a moment later (by the next stop)
+        "UPDATE tasks SET status = 'interrupted', "
+        "finished_at = $2::timestamptz + interval '1 second' WHERE task_id = $1",
+        new.task_id,
+        since,
+    )
+    requeued = await repo.requeue_interrupted_tasks(pool, sid, since)
+    assert [(t.task_id, t.status, t.finished_at) for t in requeued] == [
+        (new.task_id, TaskStatus.PENDING, None)
+    ]
+    still = await repo.get_task(pool, old.task_id)
+    assert still is not None and still.status is TaskStatus.INTERRUPTED
+    again = await repo.requeue_interrupted_tasks(pool, sid, None)  # never restored: all
+    assert [t.task_id for t in again] == [old.task_id]
+    rerun = await repo.mark_task_running(pool, new.task_id)
+    assert rerun is not None and rerun.attempts == 2
+
+
 async def test_pending_questions_add_and_remove(pool: asyncpg.Pool) -> None:
     sid = await new_supervisor(pool)
     q1, q2 = question("one?"), question("two?")
