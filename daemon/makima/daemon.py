@@ -200,13 +200,18 @@ class Daemon:
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.config.heartbeat_interval)
-            beats = [s.heartbeat_row() for s in self.supervisors.values() if s.agent is not None]
+            live = [s for s in self.supervisors.values() if s.agent is not None]
+            beats = [s.heartbeat() for s in live]
             self.faults.reached(SavePoint.HEARTBEAT, Moment.BEFORE_COMMIT)
-            await self.db.save(
-                functools.partial(repo.update_supervisors_heartbeat_bulk, beats=beats),
+            outcomes = await self.db.save(
+                functools.partial(
+                    repo.update_supervisors_heartbeat_bulk, beats=[beat for beat, _ in beats]
+                ),
                 "heartbeat",
             )
             self.faults.reached(SavePoint.HEARTBEAT, Moment.AFTER_COMMIT)
+            for supervisor, (_, mark) in zip(live, beats, strict=True):
+                supervisor.after_heartbeat(mark, outcomes.get(supervisor.id))
             await self.db.save(
                 lambda pool: repo.touch_daemon(pool, self.daemon_id), "daemon_heartbeat"
             )

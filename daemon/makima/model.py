@@ -411,6 +411,22 @@ class SupervisorSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """One live supervisor's beat: what the daemon holds in memory for it.
+
+    ``current_activity`` and ``progress`` are written only over the row
+    ``version`` the daemon last saw: a save point committed since the beat was
+    taken has moved the version on, and its values stay.
+    """
+
+    supervisor_id: uuid.UUID
+    state: SupervisorStateEnum
+    current_activity: str | None
+    progress: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
 class SupervisorState:
     """The mutable state of one supervisor: a row of ``supervisor_states``."""
 

@@ -24,6 +24,7 @@ from makima.errors import ConflictError, InvalidValueError, NotFoundError
 from makima.model import (
     UNFINISHED_STATES,
     CheckpointRecord,
+    Heartbeat,
     MessageRecord,
     PendingQuestion,
     QuestionRecord,
@@ -494,29 +495,34 @@ async def update_supervisor_heartbeat_state(
 
 
 async def update_supervisors_heartbeat_bulk(
-    db: Db,
-    beats: Sequence[tuple[uuid.UUID, SupervisorStateEnum, str | None, int]],
-) -> int:
-    """Heartbeat many supervisors in one statement. Returns how many rows were touched.
+    db: Db, beats: Sequence[Heartbeat]
+) -> dict[uuid.UUID, tuple[int, bool]]:
+    """Heartbeat many supervisors in one statement.
 
-    A beat carries the state the daemon holds in memory; a row whose state
-    differs (a save point committed since the beat was taken) is left alone,
-    so a heartbeat never undoes a save point.
+    Every row whose state is the beat's gets ``last_heartbeat``; its activity
+    and progress are written only when its version is the beat's (see
+    :class:`~makima.model.Heartbeat`). A row whose state differs (a save point
+    committed since the beat was taken) is left alone. Returns, for each row
+    touched, its version and whether activity and progress were written.
     """
     if not beats:
-        return 0
+        return {}
     rows = await db.fetch(
-        "UPDATE supervisor_states AS st SET last_heartbeat = now(), state = b.state, "
-        "current_activity = b.activity, progress = b.progress, updated_at = now() "
-        "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[]) "
-        "AS b(supervisor_id, state, activity, progress) "
-        "WHERE st.supervisor_id = b.supervisor_id AND st.state = b.state RETURNING 1",
-        [b[0] for b in beats],
-        [b[1].value for b in beats],
-        [b[2] for b in beats],
-        [b[3] for b in beats],
+        "UPDATE supervisor_states AS st SET last_heartbeat = now(), updated_at = now(), "
+        "current_activity = CASE WHEN st.version = b.version "
+        "THEN b.activity ELSE st.current_activity END, "
+        "progress = CASE WHEN st.version = b.version THEN b.progress ELSE st.progress END "
+        "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bigint[]) "
+        "AS b(supervisor_id, state, activity, progress, version) "
+        "WHERE st.supervisor_id = b.supervisor_id AND st.state = b.state "
+        "RETURNING st.supervisor_id, st.version, st.version = b.version AS written",
+        [b.supervisor_id for b in beats],
+        [b.state.value for b in beats],
+        [b.current_activity for b in beats],
+        [b.progress for b in beats],
+        [b.version for b in beats],
     )
-    return len(rows)
+    return {r["supervisor_id"]: (int(r["version"]), bool(r["written"])) for r in rows}
 
 
 # --------------------------------------------------------------------------- tasks

@@ -50,6 +50,7 @@ from makima.errors import IllegalTransitionError, InvalidValueError, MakimaError
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
 from makima.model import (
+    Heartbeat,
     PendingQuestion,
     QuestionRecord,
     SupervisorSpec,
@@ -131,7 +132,10 @@ class Supervisor:
         self._waiting_for_tasks = state.state is SupervisorStateEnum.WAITING_FOR_TASKS
         self._stop_reason: StopReason | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._dirty = False
+        # Save points started, and in flight: a heartbeat learns the row's version
+        # only when none ran while it was written (see after_heartbeat).
+        self._saves = 0
+        self._saving = 0
         # Answers given while no started agent could take them (between a
         # restoration and the agent's start message): sent right after it.
         self._held_answers: dict[uuid.UUID, QuestionRecord] = {}
@@ -149,9 +153,14 @@ class Supervisor:
     # ----------------------------------------------------------------- save points
 
     async def _save(self, point: SavePoint, operation: Callable[[Pool], Awaitable[T]]) -> T:
-        self.faults.reached(point, Moment.BEFORE_COMMIT)
-        result = await self.db.save(operation, point.value)
-        self.faults.reached(point, Moment.AFTER_COMMIT)
+        self._saves += 1
+        self._saving += 1
+        try:
+            self.faults.reached(point, Moment.BEFORE_COMMIT)
+            result = await self.db.save(operation, point.value)
+            self.faults.reached(point, Moment.AFTER_COMMIT)
+        finally:
+            self._saving -= 1
         return result
 
     async def _change(
@@ -164,14 +173,15 @@ class Supervisor:
         """Apply ``event`` (and field updates), save it, then announce a state change."""
         old = self.state
         new = dataclasses.replace(old, state=transition(old.state, event), **fields)
-        await self._save(
+        version = await self._save(
             point,
             lambda pool: repo.update_supervisor_detailed_state(
                 pool, self.id, new.state, new.current_activity, new.progress, new.error_message
             ),
         )
+        if version is not None:
+            new = dataclasses.replace(new, version=version)
         self.state = new
-        self._dirty = False
         self._announce_state(old.state)
         return new
 
@@ -194,8 +204,28 @@ class Supervisor:
                 error_message=self.state.error_message,
             )
 
-    def heartbeat_row(self) -> tuple[uuid.UUID, SupervisorStateEnum, str | None, int]:
-        return (self.id, self.state.state, self.state.current_activity, self.state.progress)
+    def heartbeat(self) -> tuple[Heartbeat, int | None]:
+        """This supervisor's beat, and a mark for :meth:`after_heartbeat` (None while a
+        save point is in flight)."""
+        state = self.state
+        beat = Heartbeat(
+            self.id, state.state, state.current_activity, state.progress, state.version
+        )
+        return beat, (self._saves if self._saving == 0 else None)
+
+    def after_heartbeat(self, mark: int | None, outcome: tuple[int, bool] | None) -> None:
+        """Learn the row's version from a heartbeat that could not write activity over it.
+
+        Only when no save point was in flight at the beat and none started since:
+        then the row's version is that of the last save point this supervisor made,
+        and adopting it lets the next beat write (a save point that does not
+        report its version is caught up with this way).
+        """
+        if outcome is None or mark is None or mark != self._saves:
+            return
+        version, written = outcome
+        if not written and version != self.state.version:
+            self.state = dataclasses.replace(self.state, version=version)
 
     # ----------------------------------------------------------------- running
 
@@ -414,7 +444,6 @@ class Supervisor:
         else:
             # Same state: the batched heartbeat writes activity and progress.
             self.state = dataclasses.replace(self.state, **fields)
-            self._dirty = True
         return {}
 
     async def _on_phase(self, phase: str) -> dict[str, Any]:

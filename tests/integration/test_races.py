@@ -232,3 +232,68 @@ async def test_an_answer_whose_commit_reply_was_lost_is_not_refused_as_a_second_
             await client.call("question.answer", {"question_id": qid, "answer": "ship"})
         # and the agent heard the answer once
         assert (await agent.request({"type": "activity", "text": "after"}))["type"] == "ack"
+
+
+class Beats:
+    """The daemon's heartbeat statement, held on demand, and counted when done."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = repo.update_supervisors_heartbeat_bulk
+        self.done = 0
+        self.changed = anyio.Event()
+        self.hold: anyio.Event | None = None
+        self.holding = anyio.Event()
+        monkeypatch.setattr(repo, "update_supervisors_heartbeat_bulk", self.beat)
+
+    async def beat(self, *args: Any, **kwargs: Any) -> Any:
+        if self.hold is not None:  # the beats were taken; the write waits
+            self.holding.set()
+            await self.hold.wait()
+        result = await self.real(*args, **kwargs)
+        self.done += 1
+        self.changed.set()
+        self.changed = anyio.Event()
+        return result
+
+    async def wait(self, n: int) -> None:
+        """Until ``n`` more heartbeat statements have completed."""
+        target = self.done + n
+        while self.done < target:
+            await self.changed.wait()
+
+
+async def test_a_heartbeat_taken_before_an_acknowledged_activity_does_not_undo_it(
+    daemon: Daemon, client: ControlClient, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid, agent = await started(client, relay)
+    beats = Beats(monkeypatch)
+    pool = daemon.db.pool
+
+    async def row() -> tuple[str | None, int]:
+        state = await repo.get_supervisor_state_for_restoration(pool, uuid.UUID(sid))
+        assert state is not None
+        return state.current_activity, state.progress
+
+    with anyio.fail_after(DEADLINE):
+        beats.hold = anyio.Event()
+        await agent.send({"type": "activity", "text": "old", "progress": 20})  # no ack asked
+        await beats.holding.wait()  # a beat is taken (with "old" or before it) and waits
+        ack = await agent.request({"type": "activity", "text": "acked", "progress": 30})
+        assert ack["type"] == "ack"
+        assert await row() == ("acked", 30)
+        beats.hold.set()
+        beats.hold = None
+        await beats.wait(1)
+        assert await row() == ("acked", 30)  # not undone by the beat taken before it
+        # later beats still carry what the agent says without asking for an ack
+        await agent.send({"type": "activity", "text": "newest", "progress": 40})
+        await agent.request({"type": "message", "role": "assistant", "content": "sync"})
+        await beats.wait(2)  # the second was taken after "newest" was applied
+        assert await row() == ("newest", 40)
+        # a save point that does not tell the supervisor the row's new version (a
+        # spawn): one beat learns it, the next writes again
+        await agent.request({"type": "spawn", "name": "t", "command": ["true"]})
+        await agent.send({"type": "activity", "text": "after spawn", "progress": 50})
+        await agent.request({"type": "message", "role": "assistant", "content": "sync"})
+        await beats.wait(3)
+        assert await row() == ("after spawn", 50)

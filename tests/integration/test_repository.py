@@ -18,6 +18,7 @@ from makima.errors import (
     SavePointRefusedError,
 )
 from makima.model import (
+    Heartbeat,
     PendingQuestion,
     RestorationSource,
     SupervisorSpec,
@@ -276,18 +277,30 @@ async def test_heartbeats(pool: asyncpg.Pool) -> None:
     assert state is not None and state.last_heartbeat is not None
     assert state.version == 0  # heartbeats are light: no version bump
     assert not await repo.update_supervisor_heartbeat_state(pool, uuid.uuid4(), S.WORKING, None, 0)
-    await repo.update_supervisor_detailed_state(pool, b, S.WAITING_FOR_USER, None, 0)
-    n = await repo.update_supervisors_heartbeat_bulk(
-        pool, [(a, S.WORKING, "x", 20), (b, S.WAITING_FOR_USER, None, 5)]
+    version_b = await repo.update_supervisor_detailed_state(pool, b, S.WAITING_FOR_USER, None, 0)
+    assert version_b is not None
+    outcomes = await repo.update_supervisors_heartbeat_bulk(
+        pool,
+        [Heartbeat(a, S.WORKING, "x", 20, 0), Heartbeat(b, S.WAITING_FOR_USER, None, 5, version_b)],
     )
-    assert n == 2
+    assert outcomes == {a: (0, True), b: (version_b, True)}
     state_b = await repo.get_supervisor_state_for_restoration(pool, b)
     assert state_b is not None and state_b.state is S.WAITING_FOR_USER and state_b.progress == 5
     # a beat taken before a save point changed the state never undoes it
-    assert await repo.update_supervisors_heartbeat_bulk(pool, [(b, S.WORKING, "stale", 1)]) == 0
+    stale = Heartbeat(b, S.WORKING, "stale", 1, version_b)
+    assert await repo.update_supervisors_heartbeat_bulk(pool, [stale]) == {}
     state_b = await repo.get_supervisor_state_for_restoration(pool, b)
     assert state_b is not None and state_b.state is S.WAITING_FOR_USER and state_b.progress == 5
-    assert await repo.update_supervisors_heartbeat_bulk(pool, []) == 0
+    # nor one taken before a save point that kept the state: the row's version moved on
+    newer = await repo.update_supervisor_detailed_state(pool, b, S.WAITING_FOR_USER, "acked", 7)
+    assert newer == version_b + 1
+    behind = Heartbeat(b, S.WAITING_FOR_USER, "older", 6, version_b)
+    assert await repo.update_supervisors_heartbeat_bulk(pool, [behind]) == {b: (newer, False)}
+    state_b = await repo.get_supervisor_state_for_restoration(pool, b)
+    assert state_b is not None
+    assert (state_b.current_activity, state_b.progress) == ("acked", 7)
+    assert state_b.last_heartbeat is not None and state_b.version == newer
+    assert await repo.update_supervisors_heartbeat_bulk(pool, []) == {}
 
 
 async def test_messages_and_checkpoints(pool: asyncpg.Pool) -> None:
