@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
-from makima import __version__, eventloop
+from makima import __version__, eventloop, logs
 from makima.config import DaemonConfig, TaskRestartPolicy, client_socket_path
 from makima.control.client import ControlClient, DaemonNotRunningError, RemoteError
 from makima.drill import DrillSettings
@@ -65,6 +65,7 @@ def run_client(
     timeout: float = 30.0,
 ) -> T:
     path = resolve_socket(socket_path)
+    logs.configure()  # stderr: stdout carries the command's output (tables, JSON, NDJSON)
 
     async def main() -> T:
         async with ControlClient.connect(path, timeout=timeout) as client:
@@ -123,14 +124,18 @@ def line(value: object) -> Text:
     return Text("" if value is None else str(value), no_wrap=True, overflow="ellipsis")
 
 
-def key(header: str, *, right: bool = False) -> Column:
-    """A listing column never cut: ids, states, numbers."""
-    return Column(header, no_wrap=True, justify="right" if right else "left")
+def key(header: str, *, right: bool = False, width: int | None = None) -> Column:
+    """A listing column not cut: ids, states, numbers (``width``: what it must keep)."""
+    return Column(header, no_wrap=True, justify="right" if right else "left", min_width=width)
 
 
 def free(header: str, *, max_width: int | None = None) -> Column:
     """A listing column of free text (cells made with :func:`line`), the one to shrink."""
     return Column(header, overflow="ellipsis", max_width=max_width)
+
+
+WIDE = 100
+"""Terminal columns from which ``ls`` also shows phase and restoration count."""
 
 
 def listing(*columns: Column) -> Table:
@@ -189,7 +194,6 @@ def daemon(
     agent_restart_window: float,
 ) -> None:
     """Run the daemon in the foreground (what systemd runs)."""
-    from makima import logs
     from makima.daemon import Daemon
     from makima.faults import FaultHook
     from makima.systemd import Notifier, listen_fds
@@ -274,27 +278,31 @@ def list_command(show_all: bool, as_json: bool, socket_path: Path | None) -> Non
     if not rows:
         err.print("no supervisors" + ("" if show_all else " (unfinished; --all for every one)"))
         return
-    table = listing(
-        key("id"),
+    # Narrow terminals get the columns to act on; show and --json have the rest.
+    wide = out.width >= WIDE
+    columns = [
+        key("id", width=8),
         free("name", max_width=24),
-        key("state"),
-        free("phase", max_width=16),
+        key("state", width=max(len(r["state"]) for r in rows)),
+        *([free("phase", max_width=16)] if wide else []),
         key("progress", right=True),
         key("questions", right=True),
-        key("restored", right=True),
+        *([key("restored", right=True)] if wide else []),
         free("activity"),
-    )
+    ]
+    table = listing(*columns)
     for r in rows:
-        table.add_row(
+        cells = [
             short(r["supervisor_id"]),
             line(r["name"]),
             r["state"],
-            line(r["phase"]),
+            *([line(r["phase"])] if wide else []),
             f"{r['progress']}%",
             str(r["pending_questions"]),
-            str(r["restoration_count"]),
+            *([str(r["restoration_count"])] if wide else []),
             line(r["current_activity"] or r.get("error_message")),
-        )
+        ]
+        table.add_row(*cells)
     out.print(table)
 
 
@@ -338,7 +346,7 @@ def show(supervisor: str, as_json: bool, socket_path: Path | None) -> None:
             out.print(f"  {short(q['id'])}  {q['question']}{choices}", markup=False)
     if body.get("tasks"):
         tasks = listing(
-            key("task"),
+            key("task", width=8),
             free("name"),
             key("status"),
             key("exit", right=True),
@@ -447,9 +455,9 @@ def questions(supervisor: str | None, as_json: bool, socket_path: Path | None) -
         err.print("no open questions")
         return
     table = listing(
-        key("question"),
-        key("supervisor"),
-        key("asked"),
+        key("question", width=8),
+        key("supervisor", width=8),
+        key("asked", width=8),
         free("question text"),
         free("choices", max_width=30),
     )
@@ -608,7 +616,6 @@ def drill(
     """Crash-and-restart drill on a scratch state dir; exits 1 on any violation."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from makima import logs
     from makima.drill import DrillProgress, run_drill
 
     logs.configure(level="warning")

@@ -56,10 +56,17 @@ class Loop(asyncio.SelectorEventLoop):
 
     def default_exception_handler(self, context: dict[str, Any]) -> None:
         exception = context.get("exception")
+        # What failed (the task, future or handle), as asyncio's own report names it.
+        where = {
+            key: repr(value)
+            for key, value in context.items()
+            if key not in ("message", "exception", "source_traceback", "handle_traceback")
+        }
         log.error(
             "loop.callback_failed",
             message=context.get("message"),
             exc_info=exception if isinstance(exception, BaseException) else None,
+            **where,
         )
 
 

@@ -616,8 +616,12 @@ async def interrupt_unfinished_tasks(db: Db, supervisor_id: uuid.UUID) -> list[T
 async def requeue_interrupted_tasks(
     db: Db, supervisor_id: uuid.UUID, since: datetime | None
 ) -> list[TaskRecord]:
-    """Put back to ``pending`` the tasks interrupted after ``since`` (all, with None):
-    a stop interrupted them and no agent has heard of it, so they may run again."""
+    """Put back to ``pending`` the tasks interrupted after ``since`` (all, with None).
+
+    Restoration passes the supervisor's last restoration time: a task interrupted
+    since then was stopped with the agent that ran it (the daemon's or the agent's
+    stop), and no restored agent has been told of it, so it may run again.
+    """
     rows = await db.fetch(
         "UPDATE tasks SET status = 'pending', finished_at = NULL, exit_code = NULL "
         "WHERE supervisor_id = $1 AND status = 'interrupted' "
@@ -803,7 +807,7 @@ async def answer_question(
             return existing
         if existing.is_answered:
             raise ConflictError(
-                f"question {question_id} was already answered: {existing.answer!r}",
+                f"question {question_id} was already answered: {_clip(existing.answer)}",
                 {
                     "question_id": str(question_id),
                     "answer": existing.answer,
@@ -829,6 +833,12 @@ async def answer_question(
             )
     assert row is not None
     return QuestionRecord.from_row(row)
+
+
+def _clip(text: str | None, limit: int = 60) -> str:
+    """``text`` quoted on one line, cut to about ``limit`` characters."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
 async def get_question(db: Db, question_id: uuid.UUID) -> QuestionRecord | None:

@@ -216,10 +216,11 @@ async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSour
         return result
     # Step 8: tasks that were running when the agent or daemon stopped. After a crash
     # their rows still say so; a clean stop marked them interrupted, and those (since
-    # the last restoration: no agent has been told of them yet) count the same.
+    # the last restoration: no restored agent has been told of them) count the same.
+    # Without a readable state row that moment is unknown: only the crash case applies.
     rerun = daemon.config.task_restart_policy is TaskRestartPolicy.RERUN
-    if rerun:
-        since = loaded.state.last_restored_at if loaded.state is not None else None
+    if rerun and loaded.state is not None:
+        since = loaded.state.last_restored_at
         requeued = await db.save(
             lambda pool: repo.requeue_interrupted_tasks(pool, sid, since), "restore_tasks"
         )

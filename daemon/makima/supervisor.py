@@ -352,6 +352,10 @@ class Supervisor:
         async with self._lock:
             if self.state.state.is_unfinished:
                 await self._change(Event.RESTORE_FAILED, error_message=reason)
+            # Tasks put back to pending for a re-run that will not come.
+            await self.db.save(
+                lambda pool: repo.interrupt_unfinished_tasks(pool, self.id), "give_up_tasks"
+            )
 
     async def rerun_task(self, task: TaskRecord) -> None:
         """Start again a task that was running when the agent or daemon stopped."""
@@ -601,7 +605,7 @@ class Supervisor:
         async with self._lock:
             self._running_tasks.pop(task.task_id, None)
             # An interrupted task did not finish: its agent is going away, and the
-            # wait is settled by the restoration that follows (re-run or reported).
+            # restoration that follows re-runs it or reports it (no tasks_done here).
             all_done = (
                 self._waiting_for_tasks
                 and not self._running_tasks

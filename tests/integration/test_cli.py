@@ -286,7 +286,8 @@ async def test_supervisor_commands(daemon: Daemon, client: ControlClient, relay:
         assert cell in row, (cell, row)
     assert done_id[:8] not in ls.out
 
-    # on a narrow terminal: one line per supervisor, id and state whole, text cut
+    # on a narrow terminal: one line per supervisor, id and state whole, text cut,
+    # phase and restoration count left to show and --json
     with anyio.fail_after(DEADLINE):
         narrow = await anyio.run_process(
             cli_command("ls", "--all"),
@@ -295,6 +296,7 @@ async def test_supervisor_commands(daemon: Daemon, client: ControlClient, relay:
         )
     lines = narrow.stdout.decode().splitlines()
     assert len(lines) == 3 and all(len(line) <= 60 for line in lines), lines
+    assert "restored" not in lines[0] and "phase" not in lines[0], lines
     assert sid[:8] in lines[1] + lines[2] and done_id[:8] in lines[1] + lines[2], lines
     assert any("working" in line and sid[:8] in line for line in lines), lines
     assert any("completed" in line and done_id[:8] in line for line in lines), lines
@@ -505,3 +507,32 @@ async def test_questions_answers_and_watch(
     run = await makima(socket_path, "answer", qid, "[/red] because")
     assert run.code == 0 and f"answered {qid}: [/red] because" in run.err, run
     assert (await delivered(agent))["answer"] == "[/red] because"
+
+
+def test_client_commands_log_to_stderr_never_stdout(short_tmp: Path) -> None:
+    """stdout carries a command's output (tables, JSON, NDJSON): an event-loop report
+    during a client command must go to stderr as a log event."""
+    path = short_tmp / f"l-{uuid.uuid4().hex[:8]}.sock"
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from makima import cli\n"
+        "async def action(client):\n"
+        "    asyncio.get_running_loop().call_exception_handler({'message': 'boom'})\n"
+        "    return 'result'\n"
+        "print(cli.run_client(Path(sys.argv[1]), action))\n"
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)  # connections wait in the backlog; nothing is asked
+        run = subprocess.run(
+            [sys.executable, "-c", script, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            env=cli_env(path),
+            check=False,
+        )
+    assert run.returncode == 0, run
+    assert run.stdout == "result\n"
+    assert "loop.callback_failed" in run.stderr and "boom" in run.stderr

@@ -292,8 +292,12 @@ async def test_server_closing_fails_a_waiting_call(socket_path: Path) -> None:
         (b"{not json\n", "sent a bad line: invalid JSON"),
         (b" " * (MAX_LINE + 1), f"sent a bad line: line longer than {MAX_LINE} bytes"),
         (b'{"jsonrpc":"2.0","id":1,"method":"x"}\n', "sent a bad line: the server sent a request"),
+        (
+            encode_error(None, ErrorCode.PARSE_ERROR, "invalid JSON: oops"),
+            r"could not read a request: invalid JSON: oops \(-32700\)",
+        ),
     ],
-    ids=["bad-json", "too-long", "request"],
+    ids=["bad-json", "too-long", "request", "null-id-error"],
 )
 async def test_protocol_violation_by_the_server(
     socket_path: Path, data: bytes, message: str
@@ -324,7 +328,7 @@ async def refuse(peer: Peer) -> None:
     await peer.send(REFUSAL)
 
 
-async def test_an_error_without_id_fails_the_connection(socket_path: Path) -> None:
+async def test_a_refusal_fails_the_connection(socket_path: Path) -> None:
     for _ in range(10):  # the request goes out before or after the daemon hangs up
         with anyio.fail_after(5):
             async with (

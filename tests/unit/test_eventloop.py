@@ -143,7 +143,7 @@ def test_without_a_handler_errors_are_logged_as_events() -> None:
         eventloop.run(main)
     failed = [e for e in logs if e["event"] == "loop.callback_failed"]
     assert len(failed) == 1
-    assert "fail" in failed[0]["message"]
+    assert "fail" in failed[0]["message"] and "fail" in failed[0]["handle"]
     assert isinstance(failed[0]["exc_info"], ValueError)
 
 

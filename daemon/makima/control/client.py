@@ -357,12 +357,16 @@ class ControlClient:
                 self._subscription._put(frame.params)
             return True
         if frame.id is None:
-            # An error the daemon could not tie to a request (e.g. -32004, this peer may
-            # not use it): it concerns the whole connection, so every call fails with it.
             error = frame.error
             assert error is not None  # the codec allows a null id only with an error
-            self._finish(partial(RemoteError, error.code, error.message, error.data), clean=False)
-            return False
+            if error.code == ErrorCode.FORBIDDEN:
+                # The daemon refuses this peer: every call fails with its reason.
+                self._finish(
+                    partial(RemoteError, error.code, error.message, error.data), clean=False
+                )
+                return False
+            # It could not read a request this client sent: this client is broken.
+            return self._broken(f"could not read a request: {error.message} ({error.code})")
         waiter = self._pending.pop(frame.id, None) if isinstance(frame.id, int) else None
         if waiter is not None:  # else its caller gave up (timeout, cancellation)
             waiter.response = frame

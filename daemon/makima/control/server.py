@@ -230,7 +230,7 @@ class _Connection:
         self.stream = stream
         self.peer = peer
         self._send_lock = anyio.Lock()
-        self.closed = False
+        self.closed = False  # set when the daemon drops the connection
 
     async def send(self, data: bytes) -> None:
         async with self._send_lock:
@@ -243,6 +243,8 @@ class _Connection:
             try:
                 async for data in self.stream:
                     for frame in decoder.feed(data):
+                        if self.closed:  # dropped: what it sent after that is not run
+                            break
                         if isinstance(frame, ProtocolError):
                             await self.send(encode_error(frame.id, frame.code, frame.message))
                             if frame.fatal:
@@ -293,4 +295,7 @@ class _Connection:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         finally:
-            hang_up(self.stream)  # the reading side then ends the connection
+            self.closed = True
+            if not hang_up(self.stream):  # the reading side then ends the connection
+                with contextlib.suppress(Exception):
+                    await self.stream.aclose()
