@@ -13,7 +13,7 @@ changes (no read-modify-write in Python). Every write to
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -309,15 +309,36 @@ async def mark_supervisor_restored(
 
 
 async def mark_supervisors_restored(
-    db: Db, supervisor_ids: Sequence[uuid.UUID], source: RestorationSource
+    db: Db,
+    supervisor_ids: Sequence[uuid.UUID],
+    source: RestorationSource,
+    *,
+    unless_past: Mapping[uuid.UUID, int] | None = None,
 ) -> dict[uuid.UUID, int]:
-    """Bulk form of :func:`mark_supervisor_restored` (one statement for many)."""
+    """Bulk form of :func:`mark_supervisor_restored` (one statement for many).
+
+    Returns each supervisor's restoration count. With ``unless_past`` (each
+    supervisor's row version before this count: for a retry whose first attempt
+    may have committed unseen), a row whose version has moved past it is counted
+    already and is only read back.
+    """
+    versions = [-1 if unless_past is None else unless_past.get(sid, -1) for sid in supervisor_ids]
     rows = await db.fetch(
-        "UPDATE supervisor_states SET restoration_count = COALESCE(restoration_count, 0) + 1, "
-        f"last_restored_at = now(), restoration_source = $2, {_BUMP} "
-        "WHERE supervisor_id = ANY($1::uuid[]) RETURNING supervisor_id, restoration_count",
+        "WITH b AS (SELECT * FROM unnest($1::uuid[], $3::bigint[]) AS b(supervisor_id, version)), "
+        "counted AS (UPDATE supervisor_states AS st "
+        "SET restoration_count = COALESCE(st.restoration_count, 0) + 1, "
+        "last_restored_at = now(), restoration_source = $2, "
+        "version = st.version + 1, updated_at = now() FROM b "
+        "WHERE st.supervisor_id = b.supervisor_id AND (NOT $4 OR st.version <= b.version) "
+        "RETURNING st.supervisor_id, st.restoration_count) "
+        "SELECT supervisor_id, restoration_count FROM counted UNION ALL "
+        "SELECT st.supervisor_id, COALESCE(st.restoration_count, 0) FROM supervisor_states st "
+        "JOIN b USING (supervisor_id) "
+        "WHERE st.supervisor_id NOT IN (SELECT supervisor_id FROM counted)",
         list(supervisor_ids),
         source.value,
+        versions,
+        unless_past is not None,
     )
     return {r["supervisor_id"]: int(r["restoration_count"]) for r in rows}
 

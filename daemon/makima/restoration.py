@@ -22,7 +22,7 @@ import dataclasses
 import enum
 import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ import structlog
 
 from makima import repository as repo
 from makima.config import TaskRestartPolicy
+from makima.database import Pool
 from makima.errors import ConflictError, InvalidValueError, NotFoundError
 from makima.events import EventKind
 from makima.model import (
@@ -287,10 +288,8 @@ async def write(daemon: Daemon, plans: Sequence[Plan]) -> None:
     launched = [p for p in plans if p.launches]
     for source in {p.source for p in launched}:
         ids = [p.supervisor_id for p in launched if p.source is source]
-        counts = await db.save(
-            functools.partial(repo.mark_supervisors_restored, supervisor_ids=ids, source=source),
-            "restore_mark",
-        )
+        saved = {p.supervisor_id: p.state.version for p in launched if p.source is source}
+        counts = await db.save(_counting_once(ids, source, saved), "restore_mark")
         for p in launched:
             if p.supervisor_id in counts:
                 p.restoration_count = counts[p.supervisor_id]
@@ -307,6 +306,23 @@ async def write(daemon: Daemon, plans: Sequence[Plan]) -> None:
             p.validation,
             p.restoration_count,
         )
+
+
+def _counting_once(
+    ids: Sequence[uuid.UUID], source: RestorationSource, saved: dict[uuid.UUID, int]
+) -> Callable[[Pool], Awaitable[dict[uuid.UUID, int]]]:
+    """The restoration count as a save point that counts once even when retried after a
+    commit whose reply was lost (a retry skips rows whose version moved past ``saved``)."""
+    attempts = 0
+
+    def count(pool: Pool) -> Awaitable[dict[uuid.UUID, int]]:
+        nonlocal attempts
+        attempts += 1
+        return repo.mark_supervisors_restored(
+            pool, ids, source, unless_past=saved if attempts > 1 else None
+        )
+
+    return count
 
 
 def start_payload(p: Plan) -> dict[str, Any] | None:

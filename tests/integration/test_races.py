@@ -297,3 +297,28 @@ async def test_a_heartbeat_taken_before_an_acknowledged_activity_does_not_undo_i
         await agent.request({"type": "message", "role": "assistant", "content": "sync"})
         await beats.wait(3)
         assert await row() == ("after spawn", 50)
+
+
+async def test_a_restoration_counted_once_when_its_commit_reply_was_lost(
+    daemon: Daemon, client: ControlClient, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid, agent = await started(client, relay)
+    real = repo.mark_supervisors_restored
+    calls: list[bool] = []
+
+    async def reply_lost_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("unless_past") is not None)
+        counts = await real(*args, **kwargs)  # committed
+        if len(calls) == 1:
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+        return counts
+
+    monkeypatch.setattr(repo, "mark_supervisors_restored", reply_lost_once)
+    with anyio.fail_after(DEADLINE):
+        await agent.close()  # the agent dies: restored with source agent_restart
+        new_agent = await relay.accept()
+        restoration = (await new_agent.expect("start"))["restoration"]
+    assert restoration["restoration_count"] == 1
+    body = await client.call("supervisor.get", {"supervisor_id": sid})
+    assert body["restoration_count"] == 1
+    assert calls == [False, True]  # the retry knew it was one
