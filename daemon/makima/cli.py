@@ -135,7 +135,8 @@ def free(header: str, *, max_width: int | None = None) -> Column:
 
 
 WIDE = 100
-"""Terminal columns from which ``ls`` also shows phase and restoration count."""
+"""Terminal columns from which ``ls`` also shows phase and restoration count (piped
+output always has them)."""
 
 
 def listing(*columns: Column) -> Table:
@@ -279,7 +280,7 @@ def list_command(show_all: bool, as_json: bool, socket_path: Path | None) -> Non
         err.print("no supervisors" + ("" if show_all else " (unfinished; --all for every one)"))
         return
     # Narrow terminals get the columns to act on; show and --json have the rest.
-    wide = out.width >= WIDE
+    wide = not out.is_terminal or out.width >= WIDE
     columns = [
         key("id", width=8),
         free("name", max_width=24),

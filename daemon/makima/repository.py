@@ -314,33 +314,33 @@ async def mark_supervisors_restored(
     source: RestorationSource,
     *,
     unless_past: Mapping[uuid.UUID, int] | None = None,
-) -> dict[uuid.UUID, int]:
+) -> dict[uuid.UUID, tuple[int, int]]:
     """Bulk form of :func:`mark_supervisor_restored` (one statement for many).
 
-    Returns each supervisor's restoration count. With ``unless_past`` (each
-    supervisor's row version before this count: for a retry whose first attempt
-    may have committed unseen), a row whose version has moved past it is counted
-    already and is only read back.
+    Returns each supervisor's restoration count and row version. With
+    ``unless_past`` (each supervisor's row version before this count: for a
+    retry whose first attempt may have committed unseen), a row whose version
+    has moved past it was counted already and is left as it is.
     """
     versions = [-1 if unless_past is None else unless_past.get(sid, -1) for sid in supervisor_ids]
+    count = "NOT $4 OR st.version <= b.version"  # re-checked on the newest row after a lock wait
     rows = await db.fetch(
-        "WITH b AS (SELECT * FROM unnest($1::uuid[], $3::bigint[]) AS b(supervisor_id, version)), "
-        "counted AS (UPDATE supervisor_states AS st "
-        "SET restoration_count = COALESCE(st.restoration_count, 0) + 1, "
-        "last_restored_at = now(), restoration_source = $2, "
-        "version = st.version + 1, updated_at = now() FROM b "
-        "WHERE st.supervisor_id = b.supervisor_id AND (NOT $4 OR st.version <= b.version) "
-        "RETURNING st.supervisor_id, st.restoration_count) "
-        "SELECT supervisor_id, restoration_count FROM counted UNION ALL "
-        "SELECT st.supervisor_id, COALESCE(st.restoration_count, 0) FROM supervisor_states st "
-        "JOIN b USING (supervisor_id) "
-        "WHERE st.supervisor_id NOT IN (SELECT supervisor_id FROM counted)",
+        "UPDATE supervisor_states AS st SET "
+        f"restoration_count = CASE WHEN {count} "
+        "THEN COALESCE(st.restoration_count, 0) + 1 ELSE st.restoration_count END, "
+        f"last_restored_at = CASE WHEN {count} THEN now() ELSE st.last_restored_at END, "
+        f"restoration_source = CASE WHEN {count} THEN $2 ELSE st.restoration_source END, "
+        f"version = CASE WHEN {count} THEN st.version + 1 ELSE st.version END, "
+        f"updated_at = CASE WHEN {count} THEN now() ELSE st.updated_at END "
+        "FROM unnest($1::uuid[], $3::bigint[]) AS b(supervisor_id, version) "
+        "WHERE st.supervisor_id = b.supervisor_id "
+        "RETURNING st.supervisor_id, st.restoration_count, st.version",
         list(supervisor_ids),
         source.value,
         versions,
         unless_past is not None,
     )
-    return {r["supervisor_id"]: int(r["restoration_count"]) for r in rows}
+    return {r["supervisor_id"]: (int(r["restoration_count"]), int(r["version"])) for r in rows}
 
 
 async def get_supervisors_with_pending_questions(db: Db) -> list[SupervisorState]:
@@ -628,6 +628,16 @@ async def interrupt_unfinished_tasks(db: Db, supervisor_id: uuid.UUID) -> list[T
     """Mark every pending or running task of a supervisor ``interrupted``."""
     rows = await db.fetch(
         "UPDATE tasks SET status = 'interrupted', finished_at = now() "
+        f"WHERE supervisor_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}",
+        supervisor_id,
+    )
+    return [TaskRecord.from_row(r) for r in rows]
+
+
+async def cancel_unfinished_tasks(db: Db, supervisor_id: uuid.UUID) -> list[TaskRecord]:
+    """Mark every pending or running task of a supervisor ``cancelled`` (it ended)."""
+    rows = await db.fetch(
+        "UPDATE tasks SET status = 'cancelled', finished_at = now() "
         f"WHERE supervisor_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}",
         supervisor_id,
     )

@@ -292,9 +292,12 @@ async def write(daemon: Daemon, plans: Sequence[Plan]) -> None:
         counts = await db.save(_counting_once(ids, source, saved), "restore_mark")
         for p in launched:
             if p.supervisor_id in counts:
-                p.restoration_count = counts[p.supervisor_id]
+                p.restoration_count, version = counts[p.supervisor_id]
                 p.state = dataclasses.replace(
-                    p.state, restoration_count=counts[p.supervisor_id], restoration_source=source
+                    p.state,
+                    restoration_count=p.restoration_count,
+                    restoration_source=source,
+                    version=version,
                 )
     for p in launched:
         p.context_message = generate_restoration_context_message(
@@ -310,12 +313,12 @@ async def write(daemon: Daemon, plans: Sequence[Plan]) -> None:
 
 def _counting_once(
     ids: Sequence[uuid.UUID], source: RestorationSource, saved: dict[uuid.UUID, int]
-) -> Callable[[Pool], Awaitable[dict[uuid.UUID, int]]]:
+) -> Callable[[Pool], Awaitable[dict[uuid.UUID, tuple[int, int]]]]:
     """The restoration count as a save point that counts once even when retried after a
     commit whose reply was lost (a retry skips rows whose version moved past ``saved``)."""
     attempts = 0
 
-    def count(pool: Pool) -> Awaitable[dict[uuid.UUID, int]]:
+    def count(pool: Pool) -> Awaitable[dict[uuid.UUID, tuple[int, int]]]:
         nonlocal attempts
         attempts += 1
         return repo.mark_supervisors_restored(

@@ -63,6 +63,9 @@ from makima.tasks import TaskOutcome, run_task
 from makima.transitions import Event, is_allowed, transition
 
 log = structlog.get_logger("makima.supervisor")
+
+# Save points that leave the supervisor_states row (and so its version) alone.
+_OTHER_TABLES = frozenset({SavePoint.MESSAGE, SavePoint.TASK_FINISHED})
 T = TypeVar("T")
 AfterAck = Callable[[], Awaitable[None]] | None
 
@@ -153,14 +156,17 @@ class Supervisor:
     # ----------------------------------------------------------------- save points
 
     async def _save(self, point: SavePoint, operation: Callable[[Pool], Awaitable[T]]) -> T:
-        self._saves += 1
-        self._saving += 1
+        counted = point not in _OTHER_TABLES  # for after_heartbeat
+        if counted:
+            self._saves += 1
+            self._saving += 1
         try:
             self.faults.reached(point, Moment.BEFORE_COMMIT)
             result = await self.db.save(operation, point.value)
             self.faults.reached(point, Moment.AFTER_COMMIT)
         finally:
-            self._saving -= 1
+            if counted:
+                self._saving -= 1
         return result
 
     async def _change(
@@ -241,6 +247,7 @@ class Supervisor:
         The restoration read every answer committed so far, so none is held back.
         """
         self.state = state
+        self._saves += 1  # a beat taken before this must not teach an older version
         self._held_answers.clear()
 
     async def run(
@@ -354,7 +361,7 @@ class Supervisor:
                 await self._change(Event.RESTORE_FAILED, error_message=reason)
             # Tasks put back to pending for a re-run that will not come.
             await self.db.save(
-                lambda pool: repo.interrupt_unfinished_tasks(pool, self.id), "give_up_tasks"
+                lambda pool: repo.cancel_unfinished_tasks(pool, self.id), "give_up_tasks"
             )
 
     async def rerun_task(self, task: TaskRecord) -> None:
@@ -482,11 +489,14 @@ class Supervisor:
             asked_at=datetime.now(UTC),
         )
         target = transition(old.state, Event.ASK)
-        await self._save(
+        version = await self._save(
             SavePoint.ASK, lambda pool: repo.record_question_asked(pool, self.id, question, target)
         )
         self.state = dataclasses.replace(
-            old, state=target, pending_questions=(*old.pending_questions, question)
+            self.state,
+            state=target,
+            pending_questions=(*self.state.pending_questions, question),
+            version=version,
         )
         log.info("question.asked", supervisor_id=str(self.id), question_id=str(question.id))
 

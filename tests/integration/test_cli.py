@@ -292,9 +292,9 @@ async def test_supervisor_commands(daemon: Daemon, client: ControlClient, relay:
         narrow = await anyio.run_process(
             cli_command("ls", "--all"),
             stdin=subprocess.DEVNULL,
-            env={**cli_env(socket_path), "COLUMNS": "60"},
+            env={**cli_env(socket_path), "COLUMNS": "60", "FORCE_COLOR": "1"},  # a terminal
         )
-    lines = narrow.stdout.decode().splitlines()
+    lines = ANSI.sub("", narrow.stdout.decode()).splitlines()
     assert len(lines) == 3 and all(len(line) <= 60 for line in lines), lines
     assert "restored" not in lines[0] and "phase" not in lines[0], lines
     assert sid[:8] in lines[1] + lines[2] and done_id[:8] in lines[1] + lines[2], lines

@@ -293,6 +293,7 @@ async def test_a_heartbeat_taken_before_an_acknowledged_activity_does_not_undo_i
         # a save point that does not tell the supervisor the row's new version (a
         # spawn): one beat learns it, the next writes again
         await agent.request({"type": "spawn", "name": "t", "command": ["true"]})
+        await agent.expect("task_finished")  # its save point is over too
         await agent.send({"type": "activity", "text": "after spawn", "progress": 50})
         await agent.request({"type": "message", "role": "assistant", "content": "sync"})
         await beats.wait(3)

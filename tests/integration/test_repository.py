@@ -239,7 +239,16 @@ async def test_mark_supervisor_restored(pool: asyncpg.Pool) -> None:
     counts = await repo.mark_supervisors_restored(
         pool, [sid, other], RestorationSource.DAEMON_RESTART
     )
-    assert counts == {sid: 3, other: 1}
+    assert {k: count for k, (count, _) in counts.items()} == {sid: 3, other: 1}
+    # a retry: a row already past the version it was given is not counted again
+    (_, sid_version), (_, other_version) = counts[sid], counts[other]
+    again = await repo.mark_supervisors_restored(
+        pool,
+        [sid, other],
+        RestorationSource.DAEMON_RESTART,
+        unless_past={sid: sid_version - 1, other: other_version},
+    )
+    assert again == {sid: (3, sid_version), other: (2, other_version + 1)}
 
 
 async def test_get_supervisors_with_pending_questions(pool: asyncpg.Pool) -> None:
