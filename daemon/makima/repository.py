@@ -626,20 +626,22 @@ async def get_tasks_for_supervisor(db: Db, supervisor_id: uuid.UUID) -> list[Tas
 
 async def interrupt_unfinished_tasks(db: Db, supervisor_id: uuid.UUID) -> list[TaskRecord]:
     """Mark every pending or running task of a supervisor ``interrupted``."""
-    rows = await db.fetch(
-        "UPDATE tasks SET status = 'interrupted', finished_at = now() "
-        f"WHERE supervisor_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}",
-        supervisor_id,
-    )
-    return [TaskRecord.from_row(r) for r in rows]
+    return await _end_unfinished_tasks(db, supervisor_id, TaskStatus.INTERRUPTED)
 
 
 async def cancel_unfinished_tasks(db: Db, supervisor_id: uuid.UUID) -> list[TaskRecord]:
     """Mark every pending or running task of a supervisor ``cancelled`` (it ended)."""
+    return await _end_unfinished_tasks(db, supervisor_id, TaskStatus.CANCELLED)
+
+
+async def _end_unfinished_tasks(
+    db: Db, supervisor_id: uuid.UUID, status: TaskStatus
+) -> list[TaskRecord]:
     rows = await db.fetch(
-        "UPDATE tasks SET status = 'cancelled', finished_at = now() "
+        "UPDATE tasks SET status = $2, finished_at = now() "
         f"WHERE supervisor_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}",
         supervisor_id,
+        status.value,
     )
     return [TaskRecord.from_row(r) for r in rows]
 
