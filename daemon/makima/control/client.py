@@ -33,6 +33,7 @@ import anyio
 import anyio.abc
 
 from makima.control.codec import (
+    EVENT_METHOD,
     MAX_LINE,
     ClientDecoder,
     ErrorCode,
@@ -44,7 +45,6 @@ from makima.control.codec import (
 from makima.control.streams import hang_up
 from makima.errors import InvalidValueError, MakimaError
 
-EVENT_METHOD = "event"
 _ERROR_NAMES = {code.value: code.name.lower() for code in ErrorCode}
 
 

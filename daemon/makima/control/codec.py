@@ -37,6 +37,8 @@ from makima.jsonline import load_json_line, unstorable
 
 MAX_LINE = 1 << 20
 """The longest line, in bytes, not counting its ``\\n`` (a ``\\r`` before it counts)."""
+EVENT_METHOD = "event"
+"""The method of the notifications that carry the daemon's events."""
 
 RequestId: TypeAlias = str | int
 
@@ -444,7 +446,7 @@ def encode_request(
 
 
 def encode_notification(method: str, params: Mapping[str, Any]) -> bytes:
-    """A message without id, e.g. ``encode_notification("event", {"kind": …})``."""
+    """A message without id, e.g. ``encode_notification(EVENT_METHOD, {"kind": …})``."""
     return _line(
         {"jsonrpc": "2.0", "method": _checked_method(method), "params": _checked_params(params)}
     )

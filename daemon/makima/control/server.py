@@ -23,6 +23,7 @@ import anyio.abc
 import structlog
 
 from makima.control.codec import (
+    EVENT_METHOD,
     ErrorCode,
     LineDecoder,
     ProtocolError,
@@ -45,7 +46,6 @@ from makima.errors import (
 
 log = structlog.get_logger("makima.control")
 
-EVENT_METHOD = "event"
 REFUSAL_LINGER = 2.0
 """Seconds a refused peer's connection stays open for it to read why."""
 MAX_REFUSED_INPUT = 64 * 1024
