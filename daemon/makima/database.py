@@ -296,6 +296,22 @@ class Database:
             raise
 
 
+def told_of_retries(
+    operation: Callable[[Pool, bool], Awaitable[T]],
+) -> Callable[[Pool], Awaitable[T]]:
+    """``operation`` for :meth:`Database.save`, told whether this attempt is a retry:
+    then the previous one may have committed with its reply lost, and a save point
+    that is not naturally repeatable can recognise its own write."""
+    attempts = 0
+
+    def attempt(pool: Pool) -> Awaitable[T]:
+        nonlocal attempts
+        attempts += 1
+        return operation(pool, attempts > 1)
+
+    return attempt
+
+
 @asynccontextmanager
 async def transaction(db: Db) -> AsyncIterator[asyncpg.Connection | PoolConnectionProxy]:
     """A transaction on ``db``: a connection from the pool, or ``db`` itself."""

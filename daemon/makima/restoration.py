@@ -22,7 +22,7 @@ import dataclasses
 import enum
 import functools
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ import structlog
 
 from makima import repository as repo
 from makima.config import TaskRestartPolicy
-from makima.database import Pool
+from makima.database import Pool, told_of_retries
 from makima.errors import ConflictError, InvalidValueError, NotFoundError
 from makima.events import EventKind
 from makima.model import (
@@ -289,7 +289,12 @@ async def write(daemon: Daemon, plans: Sequence[Plan]) -> None:
     for source in {p.source for p in launched}:
         ids = [p.supervisor_id for p in launched if p.source is source]
         saved = {p.supervisor_id: p.state.version for p in launched if p.source is source}
-        counts = await db.save(_counting_once(ids, source, saved), "restore_mark")
+        # Counted once even when retried after a commit whose reply was lost: a retry
+        # leaves the rows whose version moved past the one just saved.
+        counts = await db.save(
+            told_of_retries(functools.partial(_mark_restored, ids=ids, source=source, saved=saved)),
+            "restore_mark",
+        )
         for p in launched:
             if p.supervisor_id in counts:
                 p.restoration_count, version = counts[p.supervisor_id]
@@ -311,21 +316,15 @@ async def write(daemon: Daemon, plans: Sequence[Plan]) -> None:
         )
 
 
-def _counting_once(
-    ids: Sequence[uuid.UUID], source: RestorationSource, saved: dict[uuid.UUID, int]
-) -> Callable[[Pool], Awaitable[dict[uuid.UUID, tuple[int, int]]]]:
-    """The restoration count as a save point that counts once even when retried after a
-    commit whose reply was lost (a retry skips rows whose version moved past ``saved``)."""
-    attempts = 0
-
-    def count(pool: Pool) -> Awaitable[dict[uuid.UUID, tuple[int, int]]]:
-        nonlocal attempts
-        attempts += 1
-        return repo.mark_supervisors_restored(
-            pool, ids, source, unless_past=saved if attempts > 1 else None
-        )
-
-    return count
+def _mark_restored(
+    pool: Pool,
+    retry: bool,
+    *,
+    ids: Sequence[uuid.UUID],
+    source: RestorationSource,
+    saved: dict[uuid.UUID, int],
+) -> Awaitable[dict[uuid.UUID, tuple[int, int]]]:
+    return repo.mark_supervisors_restored(pool, ids, source, unless_past=saved if retry else None)
 
 
 def start_payload(p: Plan) -> dict[str, Any] | None:

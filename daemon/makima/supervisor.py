@@ -45,7 +45,7 @@ from makima.agent import (
     task_finished_message,
     tasks_done_message,
 )
-from makima.database import Database, Pool
+from makima.database import Database, Pool, told_of_retries
 from makima.errors import IllegalTransitionError, InvalidValueError, MakimaError
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
@@ -639,16 +639,14 @@ class Supervisor:
             target: SupervisorStateEnum | None = None
             if not remaining and is_allowed(old.state, Event.ANSWERED):
                 target = transition(old.state, Event.ANSWERED)
-            attempts = 0
-
-            def save(pool: Pool) -> Awaitable[QuestionRecord]:
-                nonlocal attempts
-                attempts += 1
-                return repo.answer_question(
-                    pool, question_id, answer, uid, state=target, retry=attempts > 1
-                )
-
-            record = await self._save(SavePoint.ANSWER, save)
+            record = await self._save(
+                SavePoint.ANSWER,
+                told_of_retries(
+                    lambda pool, retry: repo.answer_question(
+                        pool, question_id, answer, uid, state=target, retry=retry
+                    )
+                ),
+            )
             self.state = dataclasses.replace(
                 old, pending_questions=remaining, state=target or old.state
             )
