@@ -97,6 +97,7 @@ class DaemonConfig:
     agent_restart_window: float = 300.0
     agent_restart_backoff: float = 0.5
     task_restart_policy: TaskRestartPolicy = TaskRestartPolicy.INTERRUPT
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
         check_socket_path(self.socket_path)

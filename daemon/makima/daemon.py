@@ -90,7 +90,7 @@ class Daemon:
         self._shutdown = anyio.Event()
         self._wake: dict[uuid.UUID, anyio.Event] = {}
         self._resume_waiters: dict[uuid.UUID, _Waiter] = {}
-        self._server = ControlServer(ControlApi(self))
+        self._server = ControlServer(ControlApi(self), max_connections=config.max_connections)
 
     @property
     def db(self) -> Database:
@@ -140,6 +140,8 @@ class Daemon:
                 server_scope = anyio.CancelScope()
                 tg.start_soon(self._serve, listener, server_scope)
                 tg.start_soon(self._heartbeat_loop)
+                if self.db.is_embedded:
+                    tg.start_soon(self.db.supervise)
                 interval = watchdog_interval()
                 if interval is not None:
                     tg.start_soon(self._watchdog_loop, interval)

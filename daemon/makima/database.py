@@ -270,6 +270,10 @@ class Database:
             if self.embedded is not None:
                 await anyio.to_thread.run_sync(self.embedded.stop)
 
+    async def supervise(self) -> None:
+        """Watch the embedded server; restart it when it dies (see makima.embedded)."""
+        await anyio.sleep_forever()
+
     async def save(self, operation: Callable[[Pool], Awaitable[T]], what: str) -> T:
         """Run a save point; while the database is away, wait for it (never drop).
 

@@ -148,8 +148,10 @@ class ControlServer:
         *,
         daemon_uid: int | None = None,
         send_timeout: float = 5.0,
+        max_connections: int = 256,
     ) -> None:
         self.dispatch = dispatch
+        self.max_connections = max_connections
         self.daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
         self.send_timeout = send_timeout
         self._socket_gid = os.getgid()
