@@ -23,10 +23,13 @@ import structlog
 
 from makima.childenv import child_environment
 from makima.errors import InvalidValueError, MakimaError
-from makima.jsonline import load_json_line, unstorable
+from makima.jsonline import load_json_line, top_level_member, unstorable
+from makima.limits import HISTORY_PAGE_LIMIT, MAX_SEQ
 from makima.lines import MAX_LINE, LineBuffer, TooLong
 from makima.model import (
+    parse_command,
     parse_env,
+    parse_int,
     parse_optional_text,
     parse_progress,
     parse_string_list,
@@ -49,6 +52,7 @@ class AgentMessageType(enum.StrEnum):
     BLOCKED = "blocked"
     DONE = "done"
     FAIL = "fail"
+    HISTORY = "history"
 
 
 class ErrorCode(enum.StrEnum):
@@ -59,6 +63,7 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     INVALID = "invalid"  # a field is missing or of the wrong kind
     ILLEGAL_STATE = "illegal_state"  # not allowed in the supervisor's state
+    TOO_LARGE = "too_large"  # could never be sent back in one line (makima.limits)
     INTERNAL = "internal"
 
 
@@ -122,8 +127,26 @@ class Fail:
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class History:
+    """A page of older history: entries with ``seq`` below ``before`` (all, if None)."""
+
+    before: int | None = None
+    limit: int = 50
+
+
 AgentMessage = (
-    Activity | Phase | Message | Checkpoint | Ask | Spawn | WaitTasks | Blocked | Done | Fail
+    Activity
+    | Phase
+    | Message
+    | Checkpoint
+    | Ask
+    | Spawn
+    | WaitTasks
+    | Blocked
+    | Done
+    | Fail
+    | History
 )
 Ref = str | int | None
 
@@ -179,7 +202,7 @@ def _parse_body(kind: AgentMessageType, obj: Mapping[str, Any]) -> AgentMessage:
         case AgentMessageType.SPAWN:
             return Spawn(
                 name=parse_text(need("name"), "name", allow_empty=False),
-                command=parse_string_list(need("command"), "command", allow_empty=False),
+                command=parse_command(need("command")),
                 cwd=parse_optional_text(obj.get("cwd"), "cwd"),
                 env=parse_env(obj.get("env")),
             )
@@ -191,6 +214,17 @@ def _parse_body(kind: AgentMessageType, obj: Mapping[str, Any]) -> AgentMessage:
             return Done(result=obj.get("result"))
         case AgentMessageType.FAIL:
             return Fail(error=parse_text(need("error"), "error", allow_empty=False))
+        case AgentMessageType.HISTORY:
+            before = obj.get("before")
+            limit = obj.get("limit")
+            return History(
+                before=None
+                if before is None
+                else parse_int(before, "before", minimum=1, maximum=MAX_SEQ),
+                limit=50
+                if limit is None
+                else parse_int(limit, "limit", minimum=1, maximum=HISTORY_PAGE_LIMIT),
+            )
 
 
 def parse_agent_line(line: bytes) -> Envelope:
@@ -198,7 +232,10 @@ def parse_agent_line(line: bytes) -> Envelope:
     try:
         obj = load_json_line(line)
     except ValueError as exc:
-        raise AgentProtocolError(ErrorCode.MALFORMED, str(exc)) from None
+        # Answer with its ref when a shallow scan can read it (deep nesting, say).
+        raise AgentProtocolError(
+            ErrorCode.MALFORMED, str(exc), top_level_member(line, "ref")
+        ) from None
     if not isinstance(obj, dict):
         raise AgentProtocolError(
             ErrorCode.MALFORMED, f"a message must be a JSON object; got {type(obj).__name__}"
@@ -284,9 +321,13 @@ def cancel_message(reason: str) -> dict[str, Any]:
 class AgentProcess:
     """An agent child process in its own process group, speaking over stdio."""
 
-    def __init__(self, process: anyio.abc.Process, supervisor_id: str) -> None:
+    def __init__(
+        self, process: anyio.abc.Process, supervisor_id: str, write_timeout: float = 30.0
+    ) -> None:
         self.process = process
         self.supervisor_id = supervisor_id
+        self.write_timeout = write_timeout
+        self.stuck: str | None = None  # why the daemon gave up writing to it, if it did
         self._send_lock = anyio.Lock()
         self._stdin_closed = False
 
@@ -298,6 +339,7 @@ class AgentProcess:
         supervisor_id: str,
         cwd: str | None,
         env: Mapping[str, str],
+        write_timeout: float = 30.0,
     ) -> AgentProcess:
         full_env = child_environment(
             env,
@@ -315,22 +357,51 @@ class AgentProcess:
         log.info(
             "agent.started", supervisor_id=supervisor_id, pid=process.pid, command=list(command)
         )
-        return cls(process, supervisor_id)
+        return cls(process, supervisor_id, write_timeout)
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     async def send(self, message: Mapping[str, Any]) -> bool:
-        """Write one line; False if the agent's stdin is gone."""
+        """Write one line; False if the agent's stdin is gone.
+
+        An agent that takes nothing from its stdin for ``write_timeout`` seconds
+        while the daemon has a line for it (its pipe is full) is stuck: it is
+        killed, so that it never holds up anyone waiting to write to it.
+        """
         stdin = self.process.stdin
-        if stdin is None or self._stdin_closed:
+        if stdin is None:
             return False
+        line = encode(message)
+        if len(line) > MAX_LINE + 1:
+            raise MakimaError(
+                f"a {message.get('type')!r} line for the agent is {len(line) - 1} bytes; "
+                f"the limit is {MAX_LINE}"
+            )
         async with self._send_lock:
+            if self._stdin_closed:
+                return False
             try:
-                await stdin.send(encode(message))
+                with anyio.move_on_after(self.write_timeout) as scope:
+                    await stdin.send(line)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 self._stdin_closed = True
+                return False
+            if scope.cancelled_caught:
+                self.stuck = (
+                    f"the agent took nothing from its stdin for {self.write_timeout:g}s while "
+                    "the daemon had a line for it; it was stopped"
+                )
+                log.warning(
+                    "agent.write_timeout",
+                    supervisor_id=self.supervisor_id,
+                    pid=self.pid,
+                    timeout_s=self.write_timeout,
+                    message_type=message.get("type"),
+                )
+                self._stdin_closed = True
+                self.signal_group(signal.SIGKILL)
                 return False
         return True
 
@@ -386,11 +457,14 @@ class AgentProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signum)
 
-    async def stop(self, grace: float) -> int | None:
-        """Close stdin, wait ``grace``; then SIGTERM, then SIGKILL the process group."""
+    async def stop(self, grace: float, farewell: Mapping[str, Any] | None = None) -> int | None:
+        """Send ``farewell`` (if any) and close stdin; after ``grace`` SIGTERM, after
+        another ``grace`` SIGKILL the process group, whatever its pipe does."""
         with anyio.CancelScope(shield=True):
-            await self.close_stdin()
             with anyio.move_on_after(grace):
+                if farewell is not None:
+                    await self.send(farewell)
+                await self.close_stdin()
                 return await self.process.wait()
             self.signal_group(signal.SIGTERM)
             with anyio.move_on_after(grace):

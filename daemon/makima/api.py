@@ -16,18 +16,21 @@ from makima import __version__
 from makima import repository as repo
 from makima.control.server import MethodNotFoundError, Peer, Reply, Stream
 from makima.database import Pool
-from makima.errors import ConflictError, InvalidParamsError, InvalidValueError, NotFoundError
+from makima.errors import InvalidParamsError, InvalidValueError, NotFoundError
 from makima.events import EventKind
+from makima.limits import GOAL_LIMIT, HISTORY_LIMIT, MAX_SEQ, NAME_LIMIT, fit_newest
 from makima.model import (
     QuestionRecord,
     SupervisorSpec,
     SupervisorState,
     SupervisorStateEnum,
+    brief,
+    parse_command,
     parse_env,
     parse_string_list,
     parse_uuid,
 )
-from makima.supervisor import StopReason, question_event_fields
+from makima.supervisor import question_event_fields
 
 if TYPE_CHECKING:
     from makima.daemon import Daemon
@@ -58,22 +61,24 @@ def _optional_str(params: dict[str, Any], key: str) -> str | None:
     value = params.get(key)
     if value is None or isinstance(value, str):
         return value
-    raise InvalidParamsError(f"parameter {key!r} must be a string; got {value!r}")
+    raise InvalidParamsError(f"parameter {key!r} must be a string; got {brief(value)}")
 
 
 def _optional_bool(params: dict[str, Any], key: str) -> bool:
     value = params.get(key, False)
     if isinstance(value, bool):
         return value
-    raise InvalidParamsError(f"parameter {key!r} must be true or false; got {value!r}")
+    raise InvalidParamsError(f"parameter {key!r} must be true or false; got {brief(value)}")
 
 
-def _optional_limit(params: dict[str, Any], key: str) -> int | None:
+def _optional_limit(params: dict[str, Any], key: str, maximum: int) -> int | None:
     value = params.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidParamsError(f"parameter {key!r} must be a positive integer; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidParamsError(
+            f"parameter {key!r} must be an integer from 1 to {maximum}; got {brief(value)}"
+        )
     return value
 
 
@@ -147,11 +152,13 @@ class ControlApi:
     # ----------------------------------------------------------------- daemon
 
     async def hello(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        _only(params, set())
         return Reply(
             {"protocol": PROTOCOL, "version": __version__, "daemon_id": str(self.daemon.daemon_id)}
         )
 
     async def status(self, peer: Peer, params: dict[str, Any]) -> Reply:
+        _only(params, set())
         counts = await self._query(repo.count_supervisors_by_state)
         open_questions = await self._query(repo.list_open_questions)
         d = self.daemon
@@ -175,11 +182,21 @@ class ControlApi:
 
     async def create(self, peer: Peer, params: dict[str, Any]) -> Reply:
         _only(params, {"name", "command", "goal", "cwd", "env"})
+        name = _require(params, "name")
+        goal = _optional_str(params, "goal") or ""
+        if isinstance(name, str) and len(name) > NAME_LIMIT:
+            raise InvalidParamsError(
+                f"parameter 'name' is {len(name)} characters; the limit is {NAME_LIMIT}"
+            )
+        if len(goal.encode()) > GOAL_LIMIT:
+            raise InvalidParamsError(
+                f"parameter 'goal' is {len(goal.encode())} bytes; the limit is {GOAL_LIMIT}"
+            )
         try:
             spec = SupervisorSpec.new(
-                _require(params, "name"),
-                parse_string_list(_require(params, "command"), "command", allow_empty=False),
-                goal=_optional_str(params, "goal") or "",
+                name,
+                parse_command(_require(params, "command")),
+                goal=goal,
                 cwd=_optional_str(params, "cwd"),
                 env=parse_env(params.get("env")),
             )
@@ -242,30 +259,22 @@ class ControlApi:
     async def cancel(self, peer: Peer, params: dict[str, Any]) -> Reply:
         _only(params, {"supervisor_id"})
         supervisor_id = _uuid(params, "supervisor_id")
-        _, state = await self._found(supervisor_id)
-        supervisor = self.daemon.supervisors.get(supervisor_id)
-        if supervisor is None or supervisor.state.state.is_terminal:
-            latest = supervisor.state if supervisor is not None else state
-            current = latest.state.value if latest is not None else "unknown"
-            raise ConflictError(
-                f"supervisor {supervisor_id} is {current}; only unfinished supervisors can be "
-                "cancelled",
-                {"state": current},
-            )
-        await supervisor.stop(StopReason.CANCEL, f"cancelled by uid {peer.uid}")
-        return Reply({"supervisor_id": str(supervisor_id), "state": supervisor.state.state.value})
+        await self._found(supervisor_id)
+        state = await self.daemon.cancel_supervisor(supervisor_id, peer.uid)
+        return Reply({"supervisor_id": str(supervisor_id), "state": state.value})
 
     async def history(self, peer: Peer, params: dict[str, Any]) -> Reply:
-        _only(params, {"supervisor_id", "limit"})
+        _only(params, {"supervisor_id", "limit", "before"})
         supervisor_id = _uuid(params, "supervisor_id")
-        limit = _optional_limit(params, "limit")
+        limit = _optional_limit(params, "limit", HISTORY_LIMIT)
+        before = _optional_limit(params, "before", MAX_SEQ)
         await self._found(supervisor_id)
         messages = await self._query(
-            lambda pool: repo.get_supervisor_messages(pool, supervisor_id, limit)
+            lambda pool: repo.get_supervisor_messages(pool, supervisor_id, limit, before=before)
         )
-        return Reply(
-            {"supervisor_id": str(supervisor_id), "messages": [m.to_json() for m in messages]}
-        )
+        # The newest that fit one reply line; page back with "before": the oldest seq.
+        kept, more = fit_newest([m.to_json() for m in messages])
+        return Reply({"supervisor_id": str(supervisor_id), "messages": kept, "more": more})
 
     # ----------------------------------------------------------------- questions
 
@@ -280,7 +289,9 @@ class ControlApi:
         question_id = _uuid(params, "question_id")
         text = _require(params, "answer")
         if not isinstance(text, str) or not text.strip():
-            raise InvalidParamsError(f"parameter 'answer' must be a non-empty string; got {text!r}")
+            raise InvalidParamsError(
+                f"parameter 'answer' must be a non-empty string; got {brief(text)}"
+            )
         record, deliver = await self.daemon.answer_question(question_id, text, peer.uid)
         return Reply(
             {

@@ -93,6 +93,7 @@ class DaemonConfig:
     database_url: str | None = None
     heartbeat_interval: float = 5.0
     shutdown_grace: float = 5.0
+    agent_write_timeout: float = 30.0  # an agent that reads nothing for this long is stopped
     agent_restart_limit: int = 5
     agent_restart_window: float = 300.0
     agent_restart_backoff: float = 0.5

@@ -15,8 +15,7 @@ import os
 import signal
 import socket
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,23 @@ from makima.database import Database, DatabaseConfig
 from makima.errors import ConflictError, MakimaError, NotFoundError
 from makima.events import EventBus
 from makima.faults import FaultHook, Moment, SavePoint
-from makima.model import QuestionRecord, RestorationInfo, RestorationSource, SupervisorSpec
+from makima.model import (
+    QuestionRecord,
+    RestorationInfo,
+    RestorationSource,
+    SupervisorSpec,
+    SupervisorStateEnum,
+)
+from makima.restoration import (
+    Plan,
+    Restorer,
+    after_start,
+    info,
+    restore_all,
+    restore_one,
+    start_payload,
+)
+from makima.runner import RestartPolicy, Runner
 from makima.supervisor import StopReason, Supervisor
 from makima.systemd import Notifier, watchdog_interval
 
@@ -83,13 +98,17 @@ class Daemon:
         self.daemon_id = uuid.uuid4()
         self.started_at = datetime.now(UTC)
         self.bus = EventBus()
-        self.supervisors: dict[uuid.UUID, Supervisor] = {}
+        self.runners: dict[uuid.UUID, Runner] = {}
         self.startup_report: dict[str, Any] | None = None
+        self.restart_policy = RestartPolicy(
+            limit=config.agent_restart_limit,
+            window=config.agent_restart_window,
+            backoff=config.agent_restart_backoff,
+        )
         self._db: Database | None = None
+        self._restorer: Restorer | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._shutdown = anyio.Event()
-        self._wake: dict[uuid.UUID, anyio.Event] = {}
-        self._resume_waiters: dict[uuid.UUID, _Waiter] = {}
         self._server = ControlServer(ControlApi(self), max_connections=config.max_connections)
 
     @property
@@ -97,6 +116,14 @@ class Daemon:
         if self._db is None:
             raise RuntimeError("the daemon has no database yet")
         return self._db
+
+    @property
+    def restorer(self) -> Restorer:
+        if self._restorer is None:
+            self._restorer = Restorer(
+                self.db, self.bus, self.config.task_restart_policy, self.faults
+            )
+        return self._restorer
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -202,22 +229,26 @@ class Daemon:
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.config.heartbeat_interval)
-            live = [s for s in self.supervisors.values() if s.agent is not None]
-            beats = [s.heartbeat() for s in live]
-            self.faults.reached(SavePoint.HEARTBEAT, Moment.BEFORE_COMMIT)
-            outcomes = await self.db.save(
-                functools.partial(
-                    repo.update_supervisors_heartbeat_bulk, beats=[beat for beat, _ in beats]
-                ),
-                "heartbeat",
-            )
-            self.faults.reached(SavePoint.HEARTBEAT, Moment.AFTER_COMMIT)
-            for supervisor, (_, mark) in zip(live, beats, strict=True):
-                supervisor.after_heartbeat(mark, outcomes.get(supervisor.id))
-            await self.db.save(
-                lambda pool: repo.touch_daemon(pool, self.daemon_id), "daemon_heartbeat"
-            )
+            try:
+                await self._heartbeat()
+            except Exception as exc:  # a missed beat is logged; the next one tries again
+                log.exception("daemon.heartbeat_failed", error=f"{type(exc).__name__}: {exc}")
             self.notifier.status(self.status_text())
+
+    async def _heartbeat(self) -> None:
+        live = [s for s in self.supervisors.values() if s.agent is not None]
+        beats = [s.heartbeat() for s in live]
+        self.faults.reached(SavePoint.HEARTBEAT, Moment.BEFORE_COMMIT)
+        outcomes = await self.db.save(
+            functools.partial(
+                repo.update_supervisors_heartbeat_bulk, beats=[beat for beat, _ in beats]
+            ),
+            "heartbeat",
+        )
+        self.faults.reached(SavePoint.HEARTBEAT, Moment.AFTER_COMMIT)
+        for supervisor, (_, mark) in zip(live, beats, strict=True):
+            supervisor.after_heartbeat(mark, outcomes.get(supervisor.id))
+        await self.db.save(lambda pool: repo.touch_daemon(pool, self.daemon_id), "daemon_heartbeat")
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
@@ -237,111 +268,34 @@ class Daemon:
 
     # ----------------------------------------------------------------- supervisors
 
+    @property
+    def supervisors(self) -> dict[uuid.UUID, Supervisor]:
+        return {sid: runner.supervisor for sid, runner in self.runners.items()}
+
     def launch(
         self,
         supervisor: Supervisor,
-        restoration: dict[str, Any] | None = None,
+        restoration: Mapping[str, Any] | None = None,
         after_start: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
+    ) -> Runner:
         if self._task_group is None:
             raise RuntimeError("the daemon is not running")
-        self.supervisors[supervisor.id] = supervisor
-        self._task_group.start_soon(self._run_supervisor, supervisor, restoration, after_start)
+        runner = Runner(supervisor, self.restorer, self.restart_policy, self._runner_ended)
+        self.runners[supervisor.id] = runner
+        self._task_group.start_soon(runner.run, restoration, after_start)
+        return runner
 
-    async def _run_supervisor(
-        self,
-        supervisor: Supervisor,
-        restoration: dict[str, Any] | None,
-        after_start: Callable[[], Awaitable[None]] | None,
-    ) -> None:
-        """Run the agent; restart it through restoration when it dies (with backoff,
-        at most ``agent_restart_limit`` times within ``agent_restart_window``)."""
-        from makima.restoration import after_start as make_after_start
-        from makima.restoration import info, restore_one, start_payload
+    def launch_plan(self, plan: Plan) -> Runner:
+        supervisor = self.new_supervisor(plan.loaded.spec, plan.state)
+        payload = start_payload(plan)
+        return self.launch(
+            supervisor, payload.restoration, after_start(self.restorer, supervisor, plan, payload)
+        )
 
-        restarts: deque[float] = deque()
-        try:
-            while True:
-                ended = await supervisor.run(restoration, after_start)
-                if ended.finished or ended.stopped in (StopReason.SHUTDOWN, StopReason.CANCEL):
-                    return
-                if ended.stopped is StopReason.RESTART:
-                    source = RestorationSource.MANUAL
-                else:
-                    now = anyio.current_time()
-                    restarts.append(now)
-                    while restarts and now - restarts[0] > self.config.agent_restart_window:
-                        restarts.popleft()
-                    if len(restarts) > self.config.agent_restart_limit:
-                        reason = (
-                            f"the agent exited without done or fail {len(restarts)} times within "
-                            f"{self.config.agent_restart_window:.0f}s (last exit status "
-                            f"{ended.exit_code}); not restarting it again"
-                        )
-                        log.warning("supervisor.restart_limit", supervisor_id=str(supervisor.id))
-                        await supervisor.give_up(reason)
-                        return
-                    delay = min(self.config.agent_restart_backoff * 2 ** (len(restarts) - 1), 30.0)
-                    log.info(
-                        "supervisor.agent_restart_scheduled",
-                        supervisor_id=str(supervisor.id),
-                        delay_s=delay,
-                        restarts_in_window=len(restarts),
-                    )
-                    wake = self._wake.setdefault(supervisor.id, anyio.Event())
-                    with anyio.move_on_after(delay):
-                        await wake.wait()
-                    self._wake.pop(supervisor.id, None)
-                    source = (
-                        RestorationSource.MANUAL
-                        if supervisor.id in self._resume_waiters
-                        else RestorationSource.AGENT_RESTART
-                    )
-                # Answers and cancels wait while the state is read and rewritten.
-                async with supervisor.exclusive():
-                    plan = await restore_one(self, supervisor.id, source)
-                    supervisor.reset(plan.state)
-                waiter = self._resume_waiters.pop(supervisor.id, None)
-                if waiter is not None:
-                    waiter.result = info(plan)
-                    waiter.done.set()
-                if not plan.launches:
-                    return
-                restoration = start_payload(plan)
-                after_start = make_after_start(self, supervisor, plan)
-        finally:
-            if supervisor.state.state.is_terminal or self._shutdown.is_set():
-                self.supervisors.pop(supervisor.id, None)
-            waiter = self._resume_waiters.pop(supervisor.id, None)
-            if waiter is not None:
-                waiter.done.set()
-
-    async def restart_supervisor(
-        self, supervisor_id: uuid.UUID, source: RestorationSource
-    ) -> RestorationInfo:
-        """Restore a supervisor now (manual resume): restart its agent if it runs."""
-        from makima.restoration import after_start, info, restore_one, start_payload
-
-        supervisor = self.supervisors.get(supervisor_id)
-        if supervisor is None:
-            plan = await restore_one(self, supervisor_id, source)
-            if plan.launches:
-                supervisor = self.new_supervisor(plan.loaded.spec, plan.state)
-                self.launch(supervisor, start_payload(plan), after_start(self, supervisor, plan))
-            return info(plan)
-        if supervisor_id in self._resume_waiters:
-            raise ConflictError(f"supervisor {supervisor_id} is being resumed already")
-        waiter = _Waiter()
-        self._resume_waiters[supervisor_id] = waiter
-        wake = self._wake.get(supervisor_id)
-        if wake is not None:
-            wake.set()  # it was waiting to restart its agent: go now
-        else:
-            await supervisor.stop(StopReason.RESTART, "resumed by a person")
-        await waiter.done.wait()
-        if waiter.result is None:
-            raise ConflictError(f"supervisor {supervisor_id} finished before it could be resumed")
-        return waiter.result
+    def _runner_ended(self, runner: Runner) -> None:
+        over = runner.supervisor.state.state.is_terminal or self._shutdown.is_set()
+        if over and self.runners.get(runner.id) is runner:
+            del self.runners[runner.id]
 
     def new_supervisor(self, spec: SupervisorSpec, state: Any) -> Supervisor:
         return Supervisor(
@@ -351,6 +305,7 @@ class Daemon:
             bus=self.bus,
             faults=self.faults,
             grace=self.config.shutdown_grace,
+            write_timeout=self.config.agent_write_timeout,
         )
 
     async def create_supervisor(self, spec: SupervisorSpec) -> Supervisor:
@@ -367,8 +322,8 @@ class Daemon:
         record = await self.db.query(lambda pool: repo.get_question(pool, question_id))
         if record is None:
             raise NotFoundError(f"no question {question_id}")
-        supervisor = self.supervisors.get(record.supervisor_id)
-        if supervisor is None:
+        runner = self.runners.get(record.supervisor_id)
+        if runner is None:
             if record.answer is None:
                 found = await self.db.query(
                     lambda pool: repo.get_supervisor(pool, record.supervisor_id)
@@ -385,30 +340,61 @@ class Daemon:
                 lambda pool: repo.answer_question(pool, question_id, answer, uid)
             )
             return answered, None  # unreachable in practice: answer_question raises a conflict
-        answered = await supervisor.answer(question_id, answer, uid)
+        supervisor = runner.supervisor
+        answered = await runner.call(
+            "saving an answer", lambda: supervisor.answer(question_id, answer, uid)
+        )
+        return answered, runner.guarded(
+            "delivering an answer", lambda: supervisor.deliver_answer(answered)
+        )
 
-        async def deliver() -> None:
-            await supervisor.deliver_answer(answered)
+    async def cancel_supervisor(self, supervisor_id: uuid.UUID, uid: int) -> SupervisorStateEnum:
+        """Cancel a running supervisor; ConflictError when it is (or just became) finished."""
+        runner = self.runners.get(supervisor_id)
+        if runner is None or runner.supervisor.state.state.is_terminal:
+            raise self._not_unfinished(supervisor_id, runner, "cancelled")
+        supervisor = runner.supervisor
+        cancelled = await runner.call(
+            "cancelling it", lambda: supervisor.stop(StopReason.CANCEL, f"cancelled by uid {uid}")
+        )
+        if not cancelled:  # its agent finished first (done or fail won the race)
+            raise self._not_unfinished(supervisor_id, runner, "cancelled")
+        return supervisor.state.state
 
-        return answered, deliver
+    def _not_unfinished(
+        self, supervisor_id: uuid.UUID, runner: Runner | None, verb: str
+    ) -> ConflictError:
+        current = runner.supervisor.state.state.value if runner is not None else "finished"
+        return ConflictError(
+            f"supervisor {supervisor_id} is already {current}; only unfinished supervisors "
+            f"can be {verb}",
+            {"state": current},
+        )
 
     # ----------------------------------------------------------------- restoration
 
     async def restore_on_startup(self) -> None:
         """Bring back every unfinished supervisor (see makima.restoration)."""
-        from makima.restoration import restore_all
-
-        self.startup_report = await restore_all(self)
+        self.startup_report, plans = await restore_all(self.restorer)
+        for plan in plans:
+            self.launch_plan(plan)
 
     async def resume_supervisor(self, supervisor_id: uuid.UUID) -> RestorationInfo:
-        from makima.restoration import resume
-
-        return await resume(self, supervisor_id)
-
-
-class _Waiter:
-    """A manual resume waiting for the supervisor's loop to restore it."""
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.result: RestorationInfo | None = None
+        """Manual resume: restart its agent through restoration (source ``manual``)."""
+        found = await self.db.query(lambda pool: repo.get_supervisor(pool, supervisor_id))
+        if found is None:
+            raise NotFoundError(f"no supervisor {supervisor_id}")
+        _, state = found
+        if state is not None and state.state.is_terminal:
+            raise ConflictError(
+                f"supervisor {supervisor_id} is {state.state.value}; only unfinished "
+                "supervisors can be resumed",
+                {"state": state.state.value},
+            )
+        runner = self.runners.get(supervisor_id)
+        if runner is not None:
+            return await runner.resume()
+        plan = await restore_one(self.restorer, supervisor_id, RestorationSource.MANUAL)
+        if plan.launches:
+            self.launch_plan(plan)
+        return info(plan)

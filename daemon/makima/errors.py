@@ -69,3 +69,7 @@ class SchemaVersionError(MakimaError):
 
 class InvalidParamsError(MakimaError):
     """A request's parameters are missing or of the wrong kind."""
+
+
+class TooLargeError(InvalidValueError):
+    """A value that could never be sent back in one protocol line (makima.limits)."""

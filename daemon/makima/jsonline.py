@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, NoReturn
 
 
@@ -64,3 +65,51 @@ def unstorable(value: Any) -> str | None:
         elif isinstance(item, list):
             stack.extend(item)
     return None
+
+
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
+
+
+def top_level_member(line: bytes, key: str) -> str | int | None:
+    """The string or integer member ``key`` of the top-level object in a line that
+    did not parse (nested too deeply, say), when a shallow scan can still read it."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    depth = 0
+    want_key = False
+    found_key = False
+    for token in _TOKEN.finditer(text):
+        kind = token.group()
+        if kind in "{[":
+            depth += 1
+            want_key = kind == "{" and depth == 1
+        elif kind in "}]":
+            depth -= 1
+        elif kind == ",":
+            want_key = depth == 1
+        elif kind == ":":
+            if found_key:
+                return _scalar_at(text, token.end())
+        elif want_key:
+            want_key = False
+            try:
+                found_key = json.loads(kind) == key
+            except ValueError:
+                return None
+    return None
+
+
+def _scalar_at(text: str, position: int) -> str | int | None:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    if position >= len(text) or text[position] not in '"-0123456789':
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text, position)
+    except ValueError:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    return value

@@ -165,21 +165,25 @@ def parse_optional_text(value: object, what: str) -> str | None:
 
 def parse_string_list(value: object, what: str, *, allow_empty: bool = True) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise InvalidValueError(f"{what} must be a list of strings; got {value!r}")
+        raise InvalidValueError(f"{what} must be a list of strings; got {brief(value)}")
     items = tuple(value)
     for item in items:
         if not isinstance(item, str):
-            raise InvalidValueError(f"{what} must be a list of strings; found {item!r}")
+            raise InvalidValueError(f"{what} must be a list of strings; found {brief(item)}")
     if not allow_empty and not items:
         raise InvalidValueError(f"{what} must not be empty")
     return items
 
 
-def parse_int(value: object, what: str, *, minimum: int | None = None) -> int:
+def parse_int(
+    value: object, what: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidValueError(f"{what} must be an integer; got {value!r}")
+        raise InvalidValueError(f"{what} must be an integer; got {brief(value)}")
     if minimum is not None and value < minimum:
-        raise InvalidValueError(f"{what} must be at least {minimum}; got {value!r}")
+        raise InvalidValueError(f"{what} must be at least {minimum}; got {brief(value)}")
+    if maximum is not None and value > maximum:
+        raise InvalidValueError(f"{what} must be at most {maximum}; got {brief(value)}")
     return value
 
 
@@ -187,17 +191,47 @@ def parse_optional_int(value: object, what: str) -> int | None:
     return None if value is None else parse_int(value, what)
 
 
-def parse_env(value: object, what: str = "env") -> dict[str, str]:
+def brief(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: error messages quote hostile input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def parse_env(value: object, what: str = "env", *, strict: bool = True) -> dict[str, str]:
+    """Environment variables for a child process: names non-empty, without ``=`` or
+    NUL; values without NUL (what ``execve`` can take). ``strict=False`` checks the
+    types only: a spec saved by an older makima is still read, and fails alone
+    when its agent cannot start."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise InvalidValueError(f"{what} must be an object of string values; got {value!r}")
+        raise InvalidValueError(f"{what} must be an object of string values; got {brief(value)}")
     result: dict[str, str] = {}
     for key, item in value.items():
         if not isinstance(key, str) or not isinstance(item, str):
-            raise InvalidValueError(f"{what} must map strings to strings; got {key!r}: {item!r}")
+            raise InvalidValueError(
+                f"{what} must map strings to strings; got {brief(key)}: {brief(item)}"
+            )
+        if strict and (not key or "=" in key or "\x00" in key):
+            raise InvalidValueError(
+                f"{what} key {brief(key)} is not a valid variable name; expected a non-empty "
+                "name without '=' or NUL"
+            )
+        if strict and "\x00" in item:
+            raise InvalidValueError(f"{what}[{brief(key)}] holds a NUL character; values cannot")
         result[key] = item
     return result
+
+
+def parse_command(value: object, what: str = "command") -> tuple[str, ...]:
+    """A child's argv: a non-empty list of strings without NUL, naming a program."""
+    items = parse_string_list(value, what, allow_empty=False)
+    if not items[0]:
+        raise InvalidValueError(f"{what}[0] must name a program; got an empty string")
+    for index, item in enumerate(items):
+        if "\x00" in item:
+            raise InvalidValueError(f"{what}[{index}] holds a NUL character: {brief(item)}")
+    return items
 
 
 def iso(value: datetime | None) -> str | None:
@@ -365,7 +399,7 @@ class SupervisorSpec:
             raise InvalidValueError("command must start with a program name; got ''")
         parse_text(self.goal, "goal")
         parse_optional_text(self.cwd, "cwd")
-        parse_env(self.env)
+        parse_env(self.env, strict=False)
 
     @classmethod
     def new(
@@ -380,7 +414,7 @@ class SupervisorSpec:
         return cls(
             supervisor_id=uuid.uuid4(),
             name=name,
-            agent_command=parse_string_list(command, "command", allow_empty=False),
+            agent_command=parse_command(command),
             goal=goal,
             cwd=cwd,
             env=parse_env(env),

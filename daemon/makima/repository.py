@@ -689,15 +689,18 @@ async def append_supervisor_message(
 
 
 async def get_supervisor_messages(
-    db: Db, supervisor_id: uuid.UUID, limit: int | None = None
+    db: Db, supervisor_id: uuid.UUID, limit: int | None = None, *, before: int | None = None
 ) -> list[MessageRecord]:
-    """The conversation history in order; with ``limit``, only the last ``limit`` entries."""
+    """The conversation history in order; with ``limit``, only the last ``limit``
+    entries; with ``before``, only entries whose ``seq`` is below it."""
     rows = await db.fetch(
         "SELECT * FROM (SELECT supervisor_id, seq, role, content, created_at "
-        "FROM supervisor_messages WHERE supervisor_id = $1 ORDER BY seq DESC LIMIT $2) m "
+        "FROM supervisor_messages WHERE supervisor_id = $1 AND ($3::bigint IS NULL OR seq < $3) "
+        "ORDER BY seq DESC LIMIT $2) m "
         "ORDER BY seq",
         supervisor_id,
         limit,
+        before,
     )
     return [MessageRecord.from_row(r) for r in rows]
 

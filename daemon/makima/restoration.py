@@ -13,7 +13,12 @@
 9. send the restoration context in the agent's ``start`` message;
 10. resume from the last state; ``mark_supervisor_restored``.
 
-Decisions are pure (``makima.validation``); this module loads, writes and launches.
+Decisions are pure (``makima.validation``); this module loads, writes and hands
+back plans: it knows the database, the event bus and the configuration, never the
+daemon. Launching a plan is the runner's (``makima.runner``).
+
+One supervisor's restoration failing in an unexpected way fails that supervisor
+alone (its plan becomes ``mark_failed``); the others are restored as usual.
 """
 
 from __future__ import annotations
@@ -22,18 +27,20 @@ import dataclasses
 import enum
 import functools
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import structlog
 
 from makima import repository as repo
 from makima.config import TaskRestartPolicy
-from makima.database import Pool, told_of_retries
-from makima.errors import ConflictError, InvalidValueError, NotFoundError
-from makima.events import EventKind
+from makima.database import Database, Pool, told_of_retries
+from makima.errors import InvalidValueError, MakimaError, NotFoundError
+from makima.events import EventBus, EventKind
+from makima.faults import FaultHook, Moment, SavePoint
+from makima.limits import LINE_BUDGET, encoded_size
 from makima.model import (
     PendingQuestion,
     QuestionRecord,
@@ -60,12 +67,19 @@ from makima.validation import (
     validate_supervisor_state,
 )
 
-if TYPE_CHECKING:
-    from makima.daemon import Daemon
-
 log = structlog.get_logger("makima.restoration")
 
 HISTORY_LIMIT = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Restorer:
+    """What restoration works with: the database, the event bus and the settings."""
+
+    db: Database
+    bus: EventBus
+    task_restart_policy: TaskRestartPolicy
+    faults: FaultHook = field(default_factory=lambda: FaultHook(None))
 
 
 class Outcome(enum.StrEnum):
@@ -102,6 +116,7 @@ class Plan:
     outcome: Outcome = Outcome.RESTORED
     restoration_count: int = 0
     context_message: str = ""
+    crash: str | None = None  # restoring it raised: it is marked failed with this
 
     @property
     def supervisor_id(self) -> uuid.UUID:
@@ -116,10 +131,10 @@ class Plan:
 
 
 async def load(
-    daemon: Daemon, supervisor_ids: Sequence[uuid.UUID] | None = None
+    restorer: Restorer, supervisor_ids: Sequence[uuid.UUID] | None = None
 ) -> list[LoadedSupervisor]:
     """Load unfinished supervisors in bulk (all of them, or the ones named)."""
-    db = daemon.db
+    db = restorer.db
     rows = await db.save(repo.load_unfinished_supervisor_states, "restore_load")
     states = {sid: value for sid, value in rows}
     if supervisor_ids is None:
@@ -169,14 +184,15 @@ async def load(
 # ------------------------------------------------------------ deciding and writing (3-8)
 
 
-async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSource) -> Plan:
-    db = daemon.db
+async def plan(restorer: Restorer, loaded: LoadedSupervisor, source: RestorationSource) -> Plan:
+    db = restorer.db
     sid = loaded.spec.supervisor_id
+    restorer.faults.reached(SavePoint.RESTORE, Moment.BEFORE_COMMIT, loaded.spec.name)
     validation = validate_supervisor_state(loaded)
     action = validation.recovery_action
     if loaded.state is None and loaded.load_error is None:
         log.warning("restoration.no_state_row", supervisor_id=str(sid), action="start_fresh")
-        daemon.bus.publish(
+        restorer.bus.publish(
             EventKind.SUPERVISOR_WARNING,
             supervisor_id=str(sid),
             warning="no saved state was found; starting fresh",
@@ -188,7 +204,7 @@ async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSour
         state = loaded.state
     elif action is StateRecoveryAction.REPAIR:
         assert loaded.state is not None
-        state = await _repaired(daemon, loaded.state, loaded.tasks, questions)
+        state = await _repaired(restorer, loaded.state, loaded.tasks, questions)
     elif action is StateRecoveryAction.REVERT_TO_CHECKPOINT:
         checkpoint = None
         try:
@@ -202,7 +218,7 @@ async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSour
             validation = StateValidationResult(False, validation.issues, action)
             state = fresh_state(sid, None, questions)
         else:
-            state = await _repaired(daemon, checkpoint.snapshot, loaded.tasks, questions)
+            state = await _repaired(restorer, checkpoint.snapshot, loaded.tasks, questions)
     elif action is StateRecoveryAction.START_FRESH:
         state = fresh_state(sid, loaded.state, questions)
     else:  # MARK_FAILED
@@ -219,7 +235,7 @@ async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSour
     # their rows still say so; a clean stop marked them interrupted, and those (since
     # the last restoration: no restored agent has been told of them) count the same.
     # Without a readable state row that moment is unknown: only the crash case applies.
-    rerun = daemon.config.task_restart_policy is TaskRestartPolicy.RERUN
+    rerun = restorer.task_restart_policy is TaskRestartPolicy.RERUN
     if rerun and loaded.state is not None:
         since = loaded.state.last_restored_at
         requeued = await db.save(
@@ -259,14 +275,14 @@ async def plan(daemon: Daemon, loaded: LoadedSupervisor, source: RestorationSour
 
 
 async def _repaired(
-    daemon: Daemon,
+    restorer: Restorer,
     state: SupervisorState,
     tasks: Sequence[TaskRecord],
     questions: list[QuestionRecord],
 ) -> SupervisorState:
     missing = questions_to_record(state, questions)
     if missing:
-        await daemon.db.save(
+        await restorer.db.save(
             lambda pool: repo.record_question_rows(pool, state.supervisor_id, missing),
             "restore_repair",
         )
@@ -277,13 +293,51 @@ async def _repaired(
     return repair_state(state, tasks, questions)
 
 
-async def write(daemon: Daemon, plans: Sequence[Plan]) -> None:
-    """Save each decided state, then count the restorations (in bulk)."""
-    db = daemon.db
-    for p in plans:
-        version = await db.save(
-            functools.partial(repo.save_supervisor_state_full, state=p.state), "restore_state"
+def crashed_plan(loaded: LoadedSupervisor, source: RestorationSource, exc: BaseException) -> Plan:
+    """The plan for a supervisor whose restoration raised: it is marked failed."""
+    reason = f"restoring it failed unexpectedly: {type(exc).__name__}: {exc}"
+    base = loaded.state or fresh_state(loaded.spec.supervisor_id, None)
+    state = dataclasses.replace(base, state=S.FAILED, error_message=reason)
+    validation = StateValidationResult(False, (reason,), StateRecoveryAction.MARK_FAILED)
+    return Plan(
+        loaded, source, validation, state, list(loaded.tasks), outcome=Outcome.FAILED, crash=reason
+    )
+
+
+async def plan_guarded(
+    restorer: Restorer, loaded: LoadedSupervisor, source: RestorationSource
+) -> Plan:
+    """:func:`plan`, with the crash boundary: an unexpected error fails this one only."""
+    try:
+        return await plan(restorer, loaded, source)
+    except Exception as exc:
+        log.exception(
+            "supervisor.crashed",
+            supervisor_id=str(loaded.spec.supervisor_id),
+            during="restoration",
+            error=f"{type(exc).__name__}: {exc}",
         )
+        return crashed_plan(loaded, source, exc)
+
+
+async def write(restorer: Restorer, plans: Sequence[Plan]) -> None:
+    """Save each decided state, then count the restorations (in bulk)."""
+    db = restorer.db
+    for p in plans:
+        try:
+            version = await db.save(
+                functools.partial(repo.save_supervisor_state_full, state=p.state), "restore_state"
+            )
+        except MakimaError as exc:
+            if p.crash is None:
+                raise
+            # Marking a crashed one failed is refused too: it stays as it was, unlaunched.
+            log.warning(
+                "restoration.failed_state_not_saved",
+                supervisor_id=str(p.supervisor_id),
+                error=str(exc),
+            )
+            continue
         p.state = dataclasses.replace(p.state, version=version)
     launched = [p for p in plans if p.launches]
     for source in {p.source for p in launched}:
@@ -327,12 +381,23 @@ def _mark_restored(
     return repo.mark_supervisors_restored(pool, ids, source, unless_past=saved if retry else None)
 
 
-def start_payload(p: Plan) -> dict[str, Any] | None:
-    """The ``restoration`` object of the agent's ``start`` message (step 9)."""
+@dataclass(frozen=True, slots=True)
+class StartPayload:
+    """The ``restoration`` object of a ``start`` line, fitted to the line limit, and
+    the undelivered answers that did not fit (sent as ``answer`` lines after it)."""
+
+    restoration: dict[str, Any] | None
+    answers_inline: tuple[QuestionRecord, ...] = ()
+    answers_after: tuple[QuestionRecord, ...] = ()
+
+
+def start_payload(p: Plan, budget: int = LINE_BUDGET) -> StartPayload:
+    """The ``restoration`` object of the agent's ``start`` message (step 9), fitted
+    into ``budget`` bytes (with the rest of the ``start`` line)."""
     if p.outcome is Outcome.FRESH and not p.state.pending_questions:
         # A fresh start is a first start for the agent, unless questions it asked
         # are still open: then it gets them back, and asking again takes them.
-        return None
+        return StartPayload(None, answers_after=tuple(p.undelivered))
     context = SupervisorRestorationContext(
         supervisor_id=p.supervisor_id,
         source=p.source,
@@ -343,7 +408,91 @@ def start_payload(p: Plan) -> dict[str, Any] | None:
         tasks=tuple(p.tasks),
         undelivered_answers=tuple(p.undelivered),
     )
-    return context.to_json()
+    spec = p.loaded.spec
+    fixed = encoded_size([str(spec.supervisor_id), spec.name, spec.goal])
+    return fit_restoration(context, budget - fixed)
+
+
+def fit_restoration(context: SupervisorRestorationContext, budget: int) -> StartPayload:
+    """Fit a restoration into ``budget`` bytes (pure).
+
+    Whole, always: the state, the checkpoint and the open questions (bounded when
+    saved: makima.limits). Then, while they fit: undelivered answers (the rest go
+    after the ``start`` line), the briefing (cut if need be), unfinished tasks,
+    then finished ones newest first, then history newest first. ``history_before``
+    is the oldest seq sent (page back from it with a ``history`` request),
+    ``history_more`` says whether older entries exist, ``tasks_omitted`` counts
+    the tasks that did not fit.
+    """
+    full = context.to_json()
+    history: list[dict[str, Any]] = full.pop("history")
+    tasks: list[dict[str, Any]] = full.pop("tasks")
+    answers: list[dict[str, Any]] = full.pop("undelivered_answers")
+    message: str = full.pop("context_message")
+    payload: dict[str, Any] = {
+        **full,
+        "context_message": "",
+        "history": [],
+        "history_before": None,
+        "history_more": False,
+        "undelivered_answers": [],
+        "tasks": [],
+        "tasks_omitted": 0,
+    }
+    left = budget - encoded_size(payload)
+    inline: list[QuestionRecord] = []
+    after: list[QuestionRecord] = []
+    for record, item in zip(context.undelivered_answers, answers, strict=True):
+        size = encoded_size(item) + 1
+        if size <= left:
+            payload["undelivered_answers"].append(item)
+            inline.append(record)
+            left -= size
+        else:
+            after.append(record)
+    cut = _cut_text(message, left)
+    payload["context_message"] = cut
+    left -= encoded_size(cut) - 2
+    finished = [i for i, task in enumerate(context.tasks) if task.status.is_finished]
+    unfinished = [i for i, task in enumerate(context.tasks) if not task.status.is_finished]
+    chosen: list[int] = []
+    for index in [*unfinished, *reversed(finished)]:
+        size = encoded_size(tasks[index]) + 1
+        if size <= left:
+            chosen.append(index)
+            left -= size
+    payload["tasks"] = [tasks[i] for i in sorted(chosen)]
+    payload["tasks_omitted"] = len(tasks) - len(chosen)
+    kept: list[dict[str, Any]] = []
+    for item in reversed(history):
+        size = encoded_size(item) + 1
+        if size > left:
+            break
+        kept.append(item)
+        left -= size
+    kept.reverse()
+    payload["history"] = kept
+    oldest = kept[0]["seq"] if kept else (history[-1]["seq"] + 1 if history else None)
+    payload["history_before"] = oldest
+    payload["history_more"] = oldest is not None and oldest > 1
+    return StartPayload(payload, tuple(inline), tuple(after))
+
+
+def _cut_text(text: str, budget: int) -> str:
+    """``text``, cut to fit ``budget`` bytes once encoded (with a mark where it was cut)."""
+    if encoded_size(text) <= budget:
+        return text
+    mark = "\n[… the rest did not fit in the start line]"
+    if encoded_size(mark) > budget:
+        return ""
+    low, high = 0, len(text)  # the longest prefix that fits, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        if encoded_size(text[:middle] + mark) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + mark
 
 
 def info(p: Plan) -> RestorationInfo:
@@ -363,32 +512,36 @@ def info(p: Plan) -> RestorationInfo:
 # ------------------------------------------------------------ after the start message (7, 8)
 
 
-def after_start(daemon: Daemon, supervisor: Supervisor, p: Plan) -> Any:
+def after_start(
+    restorer: Restorer, supervisor: Supervisor, p: Plan, payload: StartPayload
+) -> Callable[[], Awaitable[None]]:
     """What happens once the agent has its ``start`` message."""
     pending: list[PendingQuestion] = list(p.state.pending_questions)
-    undelivered = [q.question_id for q in p.undelivered]
+    inline = [q.question_id for q in payload.answers_inline]
     rerun = list(p.rerun)
 
     async def run() -> None:
-        db = daemon.db
-        if undelivered and start_payload(p) is not None:
+        db = restorer.db
+        if inline:
             await db.save(
-                lambda pool: repo.mark_answers_delivered(pool, undelivered), "answer_delivered"
+                lambda pool: repo.mark_answers_delivered(pool, inline), "answer_delivered"
             )
+        for record in payload.answers_after:
+            await supervisor.deliver_answer(record)
         if pending:
             await db.save(
                 lambda pool: repo.increment_redelivery_count(pool, [q.id for q in pending]),
                 "redelivery",
             )
             for question in pending:
-                daemon.bus.publish(
+                restorer.bus.publish(
                     EventKind.QUESTION_REDELIVERED,
                     **question_event_fields(question, supervisor.id),
                     source=p.source.value,
                 )
         for task in rerun:
             await supervisor.rerun_task(task)
-        daemon.bus.publish(
+        restorer.bus.publish(
             EventKind.SUPERVISOR_RESTORED,
             supervisor_id=str(supervisor.id),
             name=supervisor.spec.name,
@@ -404,11 +557,15 @@ def after_start(daemon: Daemon, supervisor: Supervisor, p: Plan) -> Any:
 # --------------------------------------------------------------------------- entry points
 
 
-async def restore_all(daemon: Daemon) -> dict[str, Any]:
-    """Startup: restore every unfinished supervisor; return the startup report."""
-    loaded = await load(daemon)
-    plans = [await plan(daemon, item, RestorationSource.DAEMON_RESTART) for item in loaded]
-    await write(daemon, plans)
+async def restore_all(restorer: Restorer) -> tuple[dict[str, Any], list[Plan]]:
+    """Startup: restore every unfinished supervisor. Returns the startup report and
+    the plans whose agents are to be launched. A supervisor whose restoration raises
+    is reported failed; it never stops the others."""
+    loaded = await load(restorer)
+    plans = [
+        await plan_guarded(restorer, item, RestorationSource.DAEMON_RESTART) for item in loaded
+    ]
+    await write(restorer, plans)
     report: dict[str, Any] = {o.value: [] for o in Outcome}
     for p in plans:
         entry = {
@@ -428,34 +585,18 @@ async def restore_all(daemon: Daemon) -> dict[str, Any]:
             pending_questions=len(p.state.pending_questions),
             undelivered_answers=len(p.undelivered),
         )
-        if p.launches:
-            supervisor = daemon.new_supervisor(p.loaded.spec, p.state)
-            daemon.launch(supervisor, start_payload(p), after_start(daemon, supervisor, p))
     report["counts"] = {o.value: len(report[o.value]) for o in Outcome}
     log.info("restoration.startup_report", **report["counts"])
-    return report
+    return report, [p for p in plans if p.launches]
 
 
-async def restore_one(daemon: Daemon, supervisor_id: uuid.UUID, source: RestorationSource) -> Plan:
+async def restore_one(
+    restorer: Restorer, supervisor_id: uuid.UUID, source: RestorationSource
+) -> Plan:
     """Run steps 2 to 8 and write step 10 for one supervisor (resume, agent restart)."""
-    loaded = await load(daemon, [supervisor_id])
+    loaded = await load(restorer, [supervisor_id])
     if not loaded:
         raise NotFoundError(f"supervisor {supervisor_id} has nothing to restore")
-    p = await plan(daemon, loaded[0], source)
-    await write(daemon, [p])
+    p = await plan(restorer, loaded[0], source)
+    await write(restorer, [p])
     return p
-
-
-async def resume(daemon: Daemon, supervisor_id: uuid.UUID) -> RestorationInfo:
-    """Manual resume: stop the agent if it runs, then restore with source ``manual``."""
-    found = await daemon.db.query(lambda pool: repo.get_supervisor(pool, supervisor_id))
-    if found is None:
-        raise NotFoundError(f"no supervisor {supervisor_id}")
-    _, state = found
-    if state is not None and state.state.is_terminal:
-        raise ConflictError(
-            f"supervisor {supervisor_id} is {state.state.value}; only unfinished supervisors "
-            "can be resumed",
-            {"state": state.state.value},
-        )
-    return await daemon.restart_supervisor(supervisor_id, RestorationSource.MANUAL)

@@ -99,6 +99,8 @@ log = logging.getLogger("makima.sdk")
 
 PROTOCOL_VERSION: Final = 1
 MAX_LINE: Final = 1 << 20
+DROPPED_LINE: Final = b"\x00(a line over the limit, dropped)"
+"""What the stdin reader hands on in place of a line over :data:`MAX_LINE`."""
 """The longest line either side may send: 1 MiB, not counting the newline."""
 
 EXIT_OK: Final = 0
@@ -294,6 +296,9 @@ class Restoration:
     pending_questions: tuple[OpenQuestion, ...] = ()
     undelivered_answers: tuple[UndeliveredAnswer, ...] = ()
     tasks: tuple[TaskResult, ...] = ()
+    history_before: int | None = None  # page back from here with Agent.history
+    history_more: bool = False  # older history exists than what came in ``history``
+    tasks_omitted: int = 0  # tasks that did not fit in the start line
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -321,6 +326,9 @@ class Restoration:
                 TaskResult.from_json(t, "restoration.tasks[]")
                 for t in _objects(obj.get("tasks"), "restoration.tasks")
             ),
+            history_before=_opt_int(obj, "history_before", what),
+            history_more=obj.get("history_more") is True,
+            tasks_omitted=_opt_int(obj, "tasks_omitted", what) or 0,
             raw=types.MappingProxyType(dict(obj)),
         )
 
@@ -518,6 +526,22 @@ class Agent:
         """Append a message to the supervisor's conversation history."""
         await self._call("message", {"role": role, "content": content})
 
+    async def history(
+        self, before: int | None = None, limit: int = 50
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """A page of the conversation history: up to ``limit`` entries with ``seq``
+        below ``before`` (the newest, if None), oldest first, and whether older ones
+        remain. After a restart, page back from ``restoration.history_before``: the
+        ``start`` line carries only the newest entries that fit in it."""
+        fields: dict[str, Any] = {"limit": limit}
+        if before is not None:
+            fields["before"] = before
+        reply = await self._call("history", fields)
+        messages = reply.get("messages")
+        if not isinstance(messages, list):
+            raise ProtocolError(f"history: the ack has no 'messages' list: {reply!r:.200}")
+        return [m for m in messages if isinstance(m, dict)], bool(reply.get("more"))
+
     async def checkpoint(self, data: Any) -> None:
         """Save resumable data; after a restart it is :attr:`checkpoint_data`."""
         copy = json.loads(_encode({"data": data}, "checkpoint"))["data"]
@@ -662,7 +686,11 @@ class Agent:
     # ------------------------------------------------------------------ daemon → agent
 
     def feed_line(self, line: bytes) -> None:
-        """Take one line from the daemon (without its newline)."""
+        """Take one line from the daemon (without its newline); :data:`DROPPED_LINE`
+        stands for a line over the limit that was dropped."""
+        if line is DROPPED_LINE:
+            self.feed_dropped()
+            return
         line = line.strip()
         if not line:
             return
@@ -690,6 +718,14 @@ class Agent:
             log.warning("makima.sdk: ignoring unknown message type %r from the daemon", obj["type"])
             return
         handler(obj)
+
+    def feed_dropped(self) -> None:
+        """A line from the daemon was over the limit and was dropped. What it said
+        (an ack, an answer, the start message) is lost, so nothing the agent waits
+        for can be trusted to come: fail every wait, loudly, and stop."""
+        why = f"the daemon sent a line over {MAX_LINE} bytes, which was dropped"
+        log.error("makima.sdk: %s; stopping so that makima restarts the agent", why)
+        self._lose(why, cancel_main=True)
 
     def feed_eof(self) -> None:
         """The daemon closed the channel: fail every wait and cancel ``main``."""
@@ -1002,10 +1038,7 @@ class _StdinReader(threading.Thread):
                 if newline < 0:
                     if len(buffer) > MAX_LINE + 1:
                         if not skipping:
-                            log.warning(
-                                "makima.sdk: dropping a line over %d bytes from the daemon",
-                                MAX_LINE,
-                            )
+                            yield DROPPED_LINE
                         skipping = True
                         buffer.clear()
                     break
@@ -1015,9 +1048,7 @@ class _StdinReader(threading.Thread):
                     skipping = False
                     continue
                 if len(line.rstrip(b"\r")) > MAX_LINE:
-                    log.warning(
-                        "makima.sdk: dropping a line over %d bytes from the daemon", MAX_LINE
-                    )
+                    yield DROPPED_LINE
                     continue
                 yield line
 

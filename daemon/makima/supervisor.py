@@ -33,6 +33,7 @@ from makima.agent import (
     Envelope,
     ErrorCode,
     Fail,
+    History,
     Message,
     Phase,
     Spawn,
@@ -46,9 +47,18 @@ from makima.agent import (
     tasks_done_message,
 )
 from makima.database import Database, Pool, told_of_retries
-from makima.errors import IllegalTransitionError, InvalidValueError, MakimaError
+from makima.errors import IllegalTransitionError, InvalidValueError, MakimaError, TooLargeError
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
+from makima.limits import (
+    CHECKPOINT_LIMIT,
+    MESSAGE_LIMIT,
+    OPEN_QUESTIONS_LIMIT,
+    QUESTION_LIMIT,
+    encoded_size,
+    fit_newest,
+    too_large,
+)
 from makima.model import (
     Heartbeat,
     PendingQuestion,
@@ -76,6 +86,7 @@ class StopReason(enum.StrEnum):
     SHUTDOWN = "shutdown"  # the daemon is stopping: state interrupted
     CANCEL = "cancel"  # a person cancelled it: state failed
     RESTART = "restart"  # a manual resume: the agent is started again at once
+    CRASH = "crash"  # its crash boundary caught an unexpected error: state failed
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -110,6 +121,13 @@ def question_event_fields(
     }
 
 
+def _fits(what: str, value: Any, limit: int, *, measured: bool = False) -> None:
+    """Refuse ``value`` (or, ``measured``, a size) that could never be sent back."""
+    problem = too_large(what, value if measured else encoded_size(value), limit)
+    if problem is not None:
+        raise TooLargeError(problem)
+
+
 class Supervisor:
     """One supervisor: its spec, its current state, its agent and its tasks."""
 
@@ -122,6 +140,8 @@ class Supervisor:
         bus: EventBus,
         faults: FaultHook,
         grace: float = 5.0,
+        write_timeout: float = 30.0,
+        finish_linger: float = 0.25,
     ) -> None:
         self.spec = spec
         self.state = state
@@ -129,6 +149,8 @@ class Supervisor:
         self.bus = bus
         self.faults = faults
         self.grace = grace
+        self.write_timeout = write_timeout
+        self.finish_linger = finish_linger
         self.agent: AgentProcess | None = None
         self._lock = anyio.Lock()
         self._running_tasks: dict[uuid.UUID, anyio.CancelScope] = {}
@@ -143,6 +165,8 @@ class Supervisor:
         # restoration and the agent's start message): sent right after it.
         self._held_answers: dict[uuid.UUID, QuestionRecord] = {}
         self._started = False
+        self._finished_at: float | None = None  # when done or fail was acknowledged
+        self._last_line_at = 0.0
         self.stopped = anyio.Event()
 
     @property
@@ -161,9 +185,9 @@ class Supervisor:
             self._saves += 1
             self._saving += 1
         try:
-            self.faults.reached(point, Moment.BEFORE_COMMIT)
+            self.faults.reached(point, Moment.BEFORE_COMMIT, self.spec.name)
             result = await self.db.save(operation, point.value)
-            self.faults.reached(point, Moment.AFTER_COMMIT)
+            self.faults.reached(point, Moment.AFTER_COMMIT, self.spec.name)
         finally:
             if counted:
                 self._saving -= 1
@@ -261,12 +285,14 @@ class Supervisor:
             # Cancelled, resumed or shut down while the agent was about to start.
             return self._ended(None, self.state.state.is_terminal)
         self._waiting_for_tasks = self.state.state is SupervisorStateEnum.WAITING_FOR_TASKS
+        self._finished_at = None
         try:
             agent = await AgentProcess.start(
                 self.spec.agent_command,
                 supervisor_id=str(self.id),
                 cwd=self.spec.cwd,
                 env=self.spec.env,
+                write_timeout=self.write_timeout,
             )
         except OSError as exc:
             async with self._lock:
@@ -297,6 +323,7 @@ class Supervisor:
                     await self._send_held_answers()
                     async for item in agent.lines():
                         await self._handle(item)
+                        self._last_line_at = anyio.current_time()
                     exit_code = await self._await_exit(agent)
                 # The agent is gone: what it left running is stopped.
                 tg.cancel_scope.cancel()
@@ -310,11 +337,9 @@ class Supervisor:
             self.agent = None
         finished = self.state.state.is_terminal
         if not finished and self._stop_reason is None:
+            why = agent.stuck or f"agent exited with status {exit_code} without done or fail"
             async with self._lock:
-                await self._change(
-                    Event.AGENT_EXITED,
-                    error_message=f"agent exited with status {exit_code} without done or fail",
-                )
+                await self._change(Event.AGENT_EXITED, error_message=why)
         log.info(
             "supervisor.agent_exited",
             supervisor_id=str(self.id),
@@ -336,17 +361,50 @@ class Supervisor:
         code = await agent.stop(self.grace)
         return code if code is not None else -9
 
-    async def stop(self, reason: StopReason, detail: str) -> None:
-        """Stop on purpose: save the state first, then tell and stop the agent."""
+    async def stop(self, reason: StopReason, detail: str) -> bool:
+        """Stop on purpose: save the state first, then tell and stop the agent (killed
+        after the grace period, whatever its pipe does). False when the supervisor
+        had already finished (its agent's done or fail came first)."""
         self._stop_reason = reason
         async with self._lock:
-            if self.state.state.is_unfinished and reason is not StopReason.RESTART:
+            unfinished = self.state.state.is_unfinished
+            if unfinished and reason is not StopReason.RESTART:
                 event = Event.INTERRUPT if reason is StopReason.SHUTDOWN else Event.CANCEL
                 await self._change(event, error_message=detail)
         agent = self.agent
         if agent is not None:
-            await agent.send(cancel_message(detail))
-            await agent.stop(self.grace)
+            await agent.stop(self.grace, farewell=cancel_message(detail))
+        return unfinished
+
+    async def fail_unexpectedly(self, reason: str) -> None:
+        """The crash boundary's last step: save ``failed`` with ``reason``, stop the
+        agent and its tasks. Any state may fail this way (no transition check)."""
+        self._stop_reason = StopReason.CRASH
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                old = self.state
+                if old.state.is_unfinished:
+                    new = dataclasses.replace(
+                        old, state=SupervisorStateEnum.FAILED, error_message=reason
+                    )
+                    self.state = new  # in memory first: whatever the database says next
+                    version = await self.db.save(
+                        lambda pool: repo.update_supervisor_detailed_state(
+                            pool, self.id, new.state, new.current_activity, new.progress, reason
+                        ),
+                        "crash",
+                    )
+                    if version is not None:
+                        self.state = dataclasses.replace(new, version=version)
+                    self._announce_state(old.state)
+                for scope in self._running_tasks.values():
+                    scope.cancel()
+                await self.db.save(
+                    lambda pool: repo.cancel_unfinished_tasks(pool, self.id), "crash_tasks"
+                )
+            agent = self.agent
+            if agent is not None:
+                await agent.stop(self.grace, farewell=cancel_message(reason))
 
     async def _send_held_answers(self) -> None:
         held = list(self._held_answers.values())
@@ -393,6 +451,10 @@ class Supervisor:
             log.warning("agent.illegal", supervisor_id=str(self.id), error=str(exc))
             await self._reply(error_reply(item.ref, ErrorCode.ILLEGAL_STATE, str(exc)))
             return
+        except TooLargeError as exc:
+            log.warning("agent.too_large", supervisor_id=str(self.id), error=str(exc))
+            await self._reply(error_reply(item.ref, ErrorCode.TOO_LARGE, str(exc)))
+            return
         except InvalidValueError as exc:
             log.warning("agent.invalid", supervisor_id=str(self.id), error=str(exc))
             await self._reply(error_reply(item.ref, ErrorCode.INVALID, str(exc)))
@@ -417,6 +479,7 @@ class Supervisor:
             case Phase(phase=phase):
                 return await self._on_phase(phase), None
             case Message(role=role, content=content):
+                _fits("a message", {"role": role, "content": content}, MESSAGE_LIMIT)
                 seq = await self._save(
                     SavePoint.MESSAGE,
                     lambda pool: repo.append_supervisor_message(pool, self.id, role, content),
@@ -442,6 +505,8 @@ class Supervisor:
             case Fail(error=error):
                 await self._change(Event.FAIL, error_message=error)
                 return {}, self._finish
+            case History(before=before, limit=limit):
+                return await self._history_page(before, limit), None
 
     async def _on_activity(
         self, text: str, progress: int | None, *, durable: bool
@@ -468,6 +533,7 @@ class Supervisor:
         return {}
 
     async def _on_checkpoint(self, data: Any) -> dict[str, Any]:
+        _fits("a checkpoint's data", data, CHECKPOINT_LIMIT)
         old = self.state
         new = dataclasses.replace(
             old, checkpoint_data=data, state=transition(old.state, Event.ACTIVITY)
@@ -479,7 +545,29 @@ class Supervisor:
         self._announce_state(old.state)
         return {}
 
+    async def _history_page(self, before: int | None, limit: int) -> dict[str, Any]:
+        """Older history for an agent paging back (newest first, to fit one line)."""
+        records = await self.db.query(
+            lambda pool: repo.get_supervisor_messages(pool, self.id, limit + 1, before=before)
+        )
+        kept, cut = fit_newest([m.to_json() for m in records[-limit:]])
+        more = cut or len(records) > limit
+        return {"messages": kept, "more": more}
+
     async def _on_ask(self, message: Ask) -> tuple[dict[str, Any], AfterAck]:
+        asked = {
+            "question": message.question,
+            "choices": list(message.choices),
+            "context": message.context,
+        }
+        _fits("a question", asked, QUESTION_LIMIT)
+        open_size = sum(encoded_size(q.to_json()) for q in self.state.pending_questions)
+        _fits(
+            "the open questions with this one",
+            open_size + encoded_size(asked),
+            OPEN_QUESTIONS_LIMIT,
+            measured=True,
+        )
         old = self.state
         question = PendingQuestion(
             id=uuid.uuid4(),
@@ -552,11 +640,24 @@ class Supervisor:
         await self._reply(tasks_done_message())
 
     async def _finish(self) -> None:
-        """After done/fail: stop leftover tasks and let the agent exit."""
+        """After done/fail: stop leftover tasks; the agent's stdin closes once it has
+        been quiet for ``finish_linger`` (so that what it still sends is answered)."""
         for scope in self._running_tasks.values():
             scope.cancel()
-        if self.agent is not None:
-            await self.agent.close_stdin()
+        self._finished_at = self._last_line_at = anyio.current_time()
+        if self._task_group is not None and self.agent is not None:
+            self._task_group.start_soon(self._close_when_quiet, self.agent)
+
+    async def _close_when_quiet(self, agent: AgentProcess) -> None:
+        """Close a finished agent's stdin once it sent nothing for ``finish_linger``
+        (at most ``grace`` after it finished): lines it still sends get their reply."""
+        assert self._finished_at is not None
+        last_call = self._finished_at + self.grace
+        while (now := anyio.current_time()) < (  # noqa: ASYNC110 - the deadline moves
+            until := min(self._last_line_at + self.finish_linger, last_call)
+        ):
+            await anyio.sleep(until - now)
+        await agent.close_stdin()
 
     # ----------------------------------------------------------------- tasks
 
