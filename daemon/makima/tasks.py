@@ -3,17 +3,26 @@ tail of its output, report how it ended.
 
 A task's row exists before its process starts (the supervisor writes it);
 this module only runs the process.
+
+A task is its process and every descendant. Each of them carries
+``MAKIMA_TASK_ID`` in its environment (inherited), which is how makima finds
+the ones that left the task's process group (``setsid``, a double fork): when
+a task is stopped, and when its process exits, whatever still carries its id
+is stopped as well (SIGTERM, then SIGKILL). A descendant that starts afresh
+with an environment of its own *and* leaves the group is out of reach here;
+under systemd the service's control group still holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -28,6 +37,9 @@ log = structlog.get_logger("makima.tasks")
 TASK_ID_ENV = "MAKIMA_TASK_ID"
 TAIL_LINES = 40
 TAIL_BYTES = 8 * 1024
+KILL_WAIT = 5.0
+"""Seconds to wait for SIGKILLed processes to go (scanning again for new ones)."""
+POLL = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +86,12 @@ async def run_task(
     task_id: str,
     grace: float = 3.0,
 ) -> TaskOutcome:
-    """Run to completion. On cancellation the process group is stopped and the
-    cancellation propagates (the caller records ``cancelled``/``interrupted``)."""
-    # MAKIMA_TASK_ID lets a later daemon find the process after a crash.
+    """Run to completion. On cancellation the task's processes are stopped (its
+    process group, and its descendants outside it) and the cancellation
+    propagates (the caller records ``cancelled``/``interrupted``). When the
+    task's process exits, descendants it left running are stopped too."""
+    # MAKIMA_TASK_ID lets a later daemon find the process after a crash, and this
+    # one find the descendants that leave the process group.
     full_env = child_environment(env, {TASK_ID_ENV: task_id})
     tail = OutputTail()
     try:
@@ -89,7 +104,7 @@ async def run_task(
             env=full_env,
             start_new_session=True,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: an env a newer makima refuses
         log.warning("task.start_failed", task_id=task_id, error=str(exc))
         return TaskOutcome(TaskStatus.FAILED, None, f"could not start {command[0]!r}: {exc}")
     log.info("task.started", task_id=task_id, pid=process.pid)
@@ -100,13 +115,30 @@ async def run_task(
         code = await process.wait()
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await _stop_group(process, grace)
+            await _stop_task(process, task_id, grace)
         raise
     finally:
         with anyio.CancelScope(shield=True):
             await process.aclose()
     log.info("task.exited", task_id=task_id, exit_code=code)
+    # The task is over: what it left running (a daemonised grandchild) goes with it,
+    # as a service's leftover processes do when its main process exits.
+    with anyio.CancelScope(shield=True):
+        await _stop_descendants(task_id, grace, reason="exited")
     return TaskOutcome(outcome_for(code), code, tail.text())
+
+
+async def _stop_task(process: anyio.abc.Process, task_id: str, grace: float) -> None:
+    """The process group, and at the same time the task's processes outside it;
+    then a last sweep for whatever was forked meanwhile."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_group, process, grace)
+        tg.start_soon(
+            functools.partial(
+                _stop_descendants, task_id, grace, reason="stopped", spare_group=process.pid
+            )
+        )
+    await _stop_descendants(task_id, 0.0, reason="stopped")
 
 
 async def _stop_group(process: anyio.abc.Process, grace: float) -> None:
@@ -116,6 +148,23 @@ async def _stop_group(process: anyio.abc.Process, grace: float) -> None:
         with anyio.move_on_after(grace):
             await process.wait()
             return
+
+
+async def _stop_descendants(
+    task_id: str, grace: float, *, reason: str, spare_group: int | None = None
+) -> None:
+    """Stop what carries the task's id (in a worker thread: /proc is read blocking).
+    Never raises for a failed scan: it runs while a cancellation is on its way."""
+    try:
+        stopped = await anyio.to_thread.run_sync(
+            functools.partial(stop_task_processes, {task_id}, grace, spare_group=spare_group)
+        )
+    except OSError as exc:
+        log.warning("task.descendants_unknown", task_id=task_id, error=str(exc))
+        return
+    pids = stopped.get(task_id)
+    if pids:
+        log.warning("task.descendants_stopped", task_id=task_id, reason=reason, pids=pids)
 
 
 def task_id_of(environ: bytes) -> str | None:
@@ -128,7 +177,8 @@ def task_id_of(environ: bytes) -> str | None:
 
 
 def find_task_processes(task_ids: set[str], proc: str = "/proc") -> dict[str, list[int]]:
-    """Live processes started for these tasks (by an earlier daemon that crashed)."""
+    """Live processes carrying these task ids: a task's own process and its
+    descendants, started by this daemon or by an earlier one that crashed."""
     found: dict[str, list[int]] = {}
     if not task_ids:
         return found
@@ -145,6 +195,47 @@ def find_task_processes(task_ids: set[str], proc: str = "/proc") -> dict[str, li
     return found
 
 
+def stop_task_processes(
+    task_ids: set[str], grace: float = 3.0, *, spare_group: int | None = None
+) -> dict[str, list[int]]:
+    """Stop every live process carrying one of these task ids (blocking; run in a
+    thread). Returns the pids signalled, by task id.
+
+    SIGTERM, up to ``grace`` seconds to exit, then SIGKILL; /proc is scanned again
+    before each SIGKILL round, so a process forked in the meantime is caught too,
+    until a scan finds none (or :data:`KILL_WAIT` has passed). A process that leads
+    its own group (``setsid``) takes its group with it. Members of ``spare_group``,
+    a process group that someone else is stopping, are left alone.
+    """
+    signalled: dict[str, set[int]] = {}
+
+    def scan() -> list[int]:
+        pids: list[int] = []
+        for task_id, group in find_task_processes(task_ids).items():
+            for pid in group:
+                if pid == os.getpid() or _in_group(pid, spare_group):
+                    continue
+                pids.append(pid)
+                signalled.setdefault(task_id, set()).add(pid)
+        return pids
+
+    pids = scan()
+    if pids:
+        _signal(pids, signal.SIGTERM)
+        _wait_gone(pids, time.monotonic() + grace)
+    deadline = time.monotonic() + KILL_WAIT
+    while pids := scan():
+        _signal(pids, signal.SIGKILL)
+        if not _wait_gone(pids, deadline) or time.monotonic() >= deadline:
+            log.warning(
+                "task.processes_survived",
+                tasks=sorted(task_ids),
+                pids=sorted(pid for pid in pids if _alive(pid)),
+            )
+            break
+    return {task_id: sorted(pids) for task_id, pids in signalled.items()}
+
+
 def stop_orphaned_tasks(task_ids: set[str], grace: float = 3.0) -> dict[str, list[int]]:
     """Stop what is left of these tasks' processes (blocking; run in a thread).
 
@@ -152,24 +243,41 @@ def stop_orphaned_tasks(task_ids: set[str], grace: float = 3.0) -> dict[str, lis
     groups of their own; the next daemon does it before it marks them
     interrupted or runs them again.
     """
-    found = find_task_processes(task_ids)
-    pids = [pid for group in found.values() for pid in group]
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        alive = [pid for pid in pids if _alive(pid)]
-        if not alive:
-            break
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.getpgid(pid) == pid:  # a task leads its own process group
-                    os.killpg(pid, signum)
-                else:
-                    os.kill(pid, signum)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(pid) for pid in alive):
-            time.sleep(0.02)
+    found = stop_task_processes(task_ids, grace)
     if found:
-        log.warning("task.orphans_stopped", tasks=sorted(found), pids=sorted(pids))
+        log.warning(
+            "task.orphans_stopped",
+            tasks=sorted(found),
+            pids=sorted(pid for group in found.values() for pid in group),
+        )
     return found
+
+
+def _in_group(pid: int, group: int | None) -> bool:
+    if group is None:
+        return False
+    try:
+        return os.getpgid(pid) == group
+    except ProcessLookupError:
+        return False
+
+
+def _signal(pids: Iterable[int], signum: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:  # it leads a process group: its own task, or a setsid
+                os.killpg(pid, signum)
+            else:
+                os.kill(pid, signum)
+
+
+def _wait_gone(pids: Sequence[int], deadline: float) -> bool:
+    """Whether every one of ``pids`` has exited by ``deadline`` (a zombie has)."""
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL)
+    return True
 
 
 def _alive(pid: int) -> bool:

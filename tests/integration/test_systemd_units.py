@@ -140,6 +140,18 @@ def test_service_contract() -> None:
     assert "makima.socket" in _one(service, "Unit", "After").split()
 
 
+def test_stop_kills_the_whole_control_group() -> None:
+    """A task's descendant may leave its process group (setsid) and its environment;
+    it stays in the service's control group, which the final SIGKILL covers: with
+    KillMode=mixed the daemon alone gets SIGTERM, then every process of the group
+    left over gets SIGKILL (control-group would be as good, process or none not)."""
+    service = UNITS / "makima.service"
+    assert _one(service, "Service", "KillMode") in ("mixed", "control-group")
+    directives = dict(_directives(service)["Service"])
+    assert directives.get("SendSIGKILL", "yes") == "yes"
+    assert directives.get("FinalKillSignal", "SIGKILL") in ("SIGKILL", "9")
+
+
 def test_socket_contract() -> None:
     sock = UNITS / "makima.socket"
     listen = _one(sock, "Socket", "ListenStream")
