@@ -428,7 +428,7 @@ class SupervisorSpec:
             agent_command=parse_string_list(row["agent_command"], "agent_command"),
             goal=parse_text(row["goal"], "goal"),
             cwd=parse_optional_text(row["cwd"], "cwd"),
-            env=parse_env(row["env"]),
+            env=parse_env(row["env"], strict=False),
             created_at=parse_optional_datetime(row["created_at"], "created_at"),
         )
 
@@ -615,7 +615,7 @@ class TaskRecord:
             name=parse_text(row["name"], "task name"),
             command=parse_string_list(row["command"], "task command"),
             cwd=parse_optional_text(row["cwd"], "cwd"),
-            env=parse_env(row["env"]),
+            env=parse_env(row["env"], strict=False),
             status=parse_enum(TaskStatus, row["status"], "task status"),
             exit_code=parse_optional_int(row["exit_code"], "exit_code"),
             output_tail=parse_optional_text(row["output_tail"], "output_tail"),

@@ -67,7 +67,16 @@ def next_restart(
 
 
 def crash_reason(exc: BaseException, during: str) -> str:
-    return f"makima failed unexpectedly while {during}: {type(exc).__name__}: {exc}"
+    """The ``error_message`` of a crashed supervisor: the exceptions that caused it
+    (task groups wrap them in groups; the leaves are named)."""
+    named = "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc))
+    return f"makima failed unexpectedly while {during}: {named}"
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 class _Waiter:
@@ -188,7 +197,7 @@ class Runner:
             supervisor_id=str(self.id),
             name=self.supervisor.spec.name,
             during=during,
-            error=f"{type(exc).__name__}: {exc}",
+            error=reason,
             exc_info=exc,
         )
         try:
