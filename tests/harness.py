@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,14 @@ async def running_daemon(config: DaemonConfig) -> AsyncIterator[Daemon]:
 async def client_for(daemon: Daemon) -> AsyncIterator[ControlClient]:
     async with ControlClient.connect(daemon.config.socket_path, timeout=DEADLINE) as client:
         yield client
+
+
+async def until(predicate: Callable[[], bool], *, deadline: float = DEADLINE) -> None:
+    """Wait for a condition that no event announces (a process gone, a file written),
+    looking every few milliseconds, failing at ``deadline``."""
+    with anyio.fail_after(deadline):
+        while not predicate():  # noqa: ASYNC110 - nothing to wait on but the condition
+            await anyio.sleep(0.02)
 
 
 async def next_event(events: Any, kind: str, **match: Any) -> dict[str, Any]:

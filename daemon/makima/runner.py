@@ -52,16 +52,17 @@ class RestartDecision:
 
 
 def next_restart(
-    policy: RestartPolicy, restarts: tuple[float, ...], now: float, exit_code: int | None
+    policy: RestartPolicy, restarts: tuple[float, ...], now: float, last_exit: str
 ) -> RestartDecision:
-    """Whether to restart an agent that exited at ``now`` without done or fail (pure)."""
+    """Whether to restart an agent that exited at ``now`` without done or fail (pure);
+    ``last_exit`` says how it ended, for the reason when giving up."""
     kept = (*(t for t in restarts if now - t <= policy.window), now)
     if len(kept) > policy.limit:
         return RestartDecision(
             kept,
             None,
             f"the agent exited without done or fail {len(kept)} times within "
-            f"{policy.window:.0f}s (last exit status {exit_code}); not restarting it again",
+            f"{policy.window:.0f}s (last: {last_exit}); not restarting it again",
         )
     return RestartDecision(kept, min(policy.backoff * 2 ** (len(kept) - 1), policy.max_delay))
 
@@ -133,9 +134,8 @@ class Runner:
             if ended.stopped is StopReason.RESTART:
                 source = RestorationSource.MANUAL
             else:
-                decision = next_restart(
-                    self.policy, restarts, anyio.current_time(), ended.exit_code
-                )
+                last_exit = supervisor.state.error_message or f"exit status {ended.exit_code}"
+                decision = next_restart(self.policy, restarts, anyio.current_time(), last_exit)
                 restarts = decision.restarts
                 if decision.delay is None:
                     log.warning("supervisor.restart_limit", supervisor_id=str(self.id))

@@ -642,3 +642,51 @@ def test_start_message_rejects_other_protocols() -> None:
         sdk.StartMessage.from_json(
             {"type": "start", "protocol": 1, "supervisor_id": "s", "restoration": []}
         )
+
+
+@pytest.mark.parametrize("ended", ["newline", "stream"])
+async def test_a_dropped_line_is_an_error_not_a_hang(tmp_path: Path, ended: str) -> None:
+    """A line over 1 MiB from the daemon was dropped with a warning, and the agent
+    waited for its ack forever. Now every wait fails and the agent exits, so that
+    the daemon restarts it through restoration."""
+    agent = write_agent(
+        tmp_path,
+        textwrap.dedent(
+            """
+            async def main(agent):
+                await agent.phase("waiting for an ack that is dropped")
+                return {"unreachable": True}
+            """
+        ),
+    )
+    async with fake_daemon(agent, tmp_path=tmp_path) as daemon:
+        await daemon.start()
+        phase = await daemon.expect("phase")
+        tail = b"\n" if ended == "newline" else b""
+        await daemon.send_raw(b'{"type":"ack","ref":"' + b"x" * (sdk.MAX_LINE + 10) + b'"}' + tail)
+        assert await daemon.stdout_closed()
+        assert await daemon.wait_exit() != 0
+    assert "over 1048576 bytes, which was dropped" in daemon.stderr
+    assert phase["ref"] and not daemon.of_type("done")
+
+
+async def test_history_pages_back(tmp_path: Path) -> None:
+    agent = write_agent(
+        tmp_path,
+        textwrap.dedent(
+            """
+            async def main(agent):
+                messages, more = await agent.history(before=5, limit=2)
+                return {"seqs": [m["seq"] for m in messages], "more": more,
+                        "before": agent.restoration.history_before}
+            """
+        ),
+    )
+    async with fake_daemon(agent, tmp_path=tmp_path) as daemon:
+        await daemon.start(restoration=restoration(history_before=5, history_more=True))
+        page = await daemon.expect("history")
+        assert page["before"] == 5 and page["limit"] == 2
+        await daemon.ack(page, messages=[{"seq": 3}, {"seq": 4}], more=True)
+        final = await daemon.expect("done")
+        await daemon.ack(final)
+    assert final["result"] == {"seqs": [3, 4], "more": True, "before": 5}
