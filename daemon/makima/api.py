@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, Protocol
 
 from makima import __version__
 from makima import repository as repo
+from makima.config import DaemonConfig
 from makima.control.server import MethodNotFoundError, Peer, Reply, Stream
-from makima.database import Pool
+from makima.database import Database, Pool
 from makima.errors import InvalidParamsError, InvalidValueError, NotFoundError
-from makima.events import EventKind
+from makima.events import EventBus, EventKind
 from makima.limits import GOAL_LIMIT, HISTORY_LIMIT, MAX_SEQ, NAME_LIMIT, fit_newest
 from makima.model import (
     QuestionRecord,
+    RestorationInfo,
     SupervisorSpec,
     SupervisorState,
     SupervisorStateEnum,
@@ -30,10 +33,36 @@ from makima.model import (
     parse_string_list,
     parse_uuid,
 )
-from makima.supervisor import question_event_fields
+from makima.supervisor import Supervisor, question_event_fields
 
-if TYPE_CHECKING:
-    from makima.daemon import Daemon
+
+class Daemon(Protocol):
+    """What the control API needs of the daemon (which builds it: no import back)."""
+
+    daemon_id: uuid.UUID
+    started_at: datetime
+    config: DaemonConfig
+    bus: EventBus
+    startup_report: dict[str, Any] | None
+
+    @property
+    def db(self) -> Database: ...
+
+    @property
+    def supervisors(self) -> Mapping[uuid.UUID, Supervisor]: ...
+
+    async def create_supervisor(self, spec: SupervisorSpec) -> Supervisor: ...
+
+    async def answer_question(
+        self, question_id: uuid.UUID, answer: str, uid: int | None
+    ) -> tuple[QuestionRecord, Callable[[], Awaitable[None]] | None]: ...
+
+    async def cancel_supervisor(
+        self, supervisor_id: uuid.UUID, uid: int
+    ) -> SupervisorStateEnum: ...
+
+    async def resume_supervisor(self, supervisor_id: uuid.UUID) -> RestorationInfo: ...
+
 
 PROTOCOL = "makima-control/1"
 

@@ -208,15 +208,24 @@ class Daemon:
         bound = self.config.shutdown_grace * 3
         with anyio.move_on_after(bound) as scope:
             async with anyio.create_task_group() as tg:
-                for supervisor in list(self.supervisors.values()):
-                    tg.start_soon(
-                        supervisor.stop, StopReason.SHUTDOWN, "the daemon is shutting down"
-                    )
-            for supervisor in list(self.supervisors.values()):
+                for runner in list(self.runners.values()):
+                    tg.start_soon(self._stop_one, runner)
+            for supervisor in self.supervisors.values():
                 if supervisor.agent is not None:
                     await supervisor.stopped.wait()
         if scope.cancelled_caught:
             log.warning("daemon.stop_timeout", bound_s=bound)
+
+    @staticmethod
+    async def _stop_one(runner: Runner) -> None:
+        supervisor = runner.supervisor
+        try:
+            await runner.call(
+                "stopping it",
+                lambda: supervisor.stop(StopReason.SHUTDOWN, "the daemon is shutting down"),
+            )
+        except MakimaError as exc:  # refused, or crashed (then failed): the others go on
+            log.warning("supervisor.stop_failed", supervisor_id=str(runner.id), error=str(exc))
 
     def status_text(self) -> str:
         running = sum(1 for s in self.supervisors.values() if s.agent is not None)
