@@ -593,10 +593,11 @@ async def restore_all(restorer: Restorer) -> tuple[dict[str, Any], list[Plan]]:
 async def restore_one(
     restorer: Restorer, supervisor_id: uuid.UUID, source: RestorationSource
 ) -> Plan:
-    """Run steps 2 to 8 and write step 10 for one supervisor (resume, agent restart)."""
+    """Run steps 2 to 8 and write step 10 for one supervisor (resume, agent restart).
+    A plan that raises is written as failed, and does not launch."""
     loaded = await load(restorer, [supervisor_id])
     if not loaded:
         raise NotFoundError(f"supervisor {supervisor_id} has nothing to restore")
-    p = await plan(restorer, loaded[0], source)
+    p = await plan_guarded(restorer, loaded[0], source)
     await write(restorer, [p])
     return p
