@@ -157,12 +157,17 @@ async def client_for(daemon: Daemon) -> AsyncIterator[ControlClient]:
         yield client
 
 
-async def until(predicate: Callable[[], bool], *, deadline: float = DEADLINE) -> None:
+async def until(
+    predicate: Callable[[], bool], what: str = "the condition", deadline: float = DEADLINE
+) -> None:
     """Wait for a condition that no event announces (a process gone, a file written),
-    looking every few milliseconds, failing at ``deadline``."""
-    with anyio.fail_after(deadline):
-        while not predicate():  # noqa: ASYNC110 - nothing to wait on but the condition
-            await anyio.sleep(0.02)
+    looking every few milliseconds; fail naming ``what`` after ``deadline`` seconds."""
+    try:
+        with anyio.fail_after(deadline):
+            while not predicate():  # noqa: ASYNC110 - nothing to wait on but the condition
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not {what} within {deadline}s") from None
 
 
 async def next_event(events: Any, kind: str, **match: Any) -> dict[str, Any]:

@@ -80,6 +80,20 @@ def hold_state_dir(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def first_error(group: BaseExceptionGroup[BaseException]) -> MakimaError | None:
+    """The MakimaError inside ``group``, when every exception there is one."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, BaseExceptionGroup):
+            stack.extend(item.exceptions)
+        else:
+            leaves.append(item)
+    errors = [leaf for leaf in leaves if isinstance(leaf, MakimaError)]
+    return errors[0] if errors and len(errors) == len(leaves) else None
+
+
 class Daemon:
     def __init__(
         self,
@@ -141,7 +155,15 @@ class Daemon:
             if self.listen_socket is None:
                 # Refuse before restoring anything when another daemon has the socket.
                 await prepare_socket_path(self.config.socket_path)
-            await self._run(task_status)
+            try:
+                await self._run(task_status)
+            except BaseExceptionGroup as group:
+                # A MakimaError that ends the daemon (the embedded server past its
+                # restart limit, say) surfaces as itself, for a one-line message.
+                reason = first_error(group)
+                if reason is None:
+                    raise
+                raise reason from group
 
     async def _run(self, task_status: anyio.abc.TaskStatus[Daemon]) -> None:
         self.notifier.status("starting the database")

@@ -5,11 +5,15 @@ jittered exponential wait, each attempt under a timeout, and re-raises the
 last error when it gives up. While PostgreSQL is away, save points wait for it
 (:meth:`Database.save`); calls that answer a person fail fast with
 :class:`~makima.errors.DatabaseUnavailableError` (:meth:`Database.query`).
+
+The embedded server is supervised (:meth:`Database.supervise`): when it dies
+it is started again on the same data, a bounded number of times.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,7 +35,12 @@ from tenacity import (
 )
 
 from makima.embedded import ConnectParams, EmbeddedPostgres
-from makima.errors import DatabaseUnavailableError, SavePointRefusedError, SchemaVersionError
+from makima.errors import (
+    DatabaseUnavailableError,
+    EmbeddedDatabaseError,
+    SavePointRefusedError,
+    SchemaVersionError,
+)
 
 log = structlog.get_logger("makima.database")
 
@@ -133,6 +142,10 @@ class DatabaseConfig:
     max_connections: int = 20
     connect_timeout: float = 10.0
     connect_give_up_after: float = 60.0
+    # The embedded server is started again at most this many times within the
+    # window; one death more and the daemon exits (systemd restarts it whole).
+    embedded_restart_limit: int = 5
+    embedded_restart_window: float = 60.0
 
 
 async def create_pool(
@@ -224,9 +237,28 @@ async def apply_schema(pool: Pool) -> int:
 class Database:
     """The pool and, when no URL is given, the embedded server behind it."""
 
-    def __init__(self, pool: Pool, *, embedded: EmbeddedPostgres | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        embedded: EmbeddedPostgres | None = None,
+        connect_params: ConnectParams | None = None,
+        connect_timeout: float = 10.0,
+        restart_limit: int = 5,
+        restart_window: float = 60.0,
+        check_interval: float = 0.5,
+    ) -> None:
         self.pool = pool
         self.embedded = embedded
+        self.restart_limit = restart_limit
+        self.restart_window = restart_window
+        self.check_interval = check_interval
+        self._connect_params = connect_params
+        self._connect_timeout = connect_timeout
+        self._closing = False
+        # Checks and restarts of the embedded server, and its stop, one at a time.
+        self._embedded_lock = anyio.Lock()
+        self._suspect: anyio.Event | None = None  # set on a connection error: check now
 
     @property
     def is_embedded(self) -> bool:
@@ -259,20 +291,129 @@ class Database:
             if embedded is not None:
                 await anyio.to_thread.run_sync(embedded.stop)
             raise
-        return cls(pool, embedded=embedded)
+        return cls(
+            pool,
+            embedded=embedded,
+            connect_params=target if isinstance(target, ConnectParams) else None,
+            connect_timeout=config.connect_timeout,
+            restart_limit=config.embedded_restart_limit,
+            restart_window=config.embedded_restart_window,
+        )
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):
+            self._closing = True  # a server that stops now is not to be started again
             with anyio.move_on_after(10) as scope:
                 await self.pool.close()
             if scope.cancelled_caught:  # a connection would not let go
                 self.pool.terminate()
             if self.embedded is not None:
-                await anyio.to_thread.run_sync(self.embedded.stop)
+                async with self._embedded_lock:  # after a restart under way: stop that server
+                    await anyio.to_thread.run_sync(self.embedded.stop)
 
     async def supervise(self) -> None:
-        """Watch the embedded server; restart it when it dies (see makima.embedded)."""
-        await anyio.sleep_forever()
+        """Watch the embedded server and start it again when it dies; runs until cancelled.
+
+        The server is checked every ``check_interval`` seconds, and at once when a
+        save point or a request meets a connection error. A dead server is reaped
+        (when the daemon started it), what it left behind set aside, and the
+        server started again on the same data: PostgreSQL recovers from its WAL,
+        so nothing committed is lost, and the pool reconnects while save points
+        wait. More than ``restart_limit`` restarts (attempts, failed ones
+        included) within ``restart_window`` seconds raise EmbeddedDatabaseError,
+        which ends the daemon with a failure so that systemd restarts all of it.
+        """
+        embedded = self.embedded
+        if embedded is None:
+            await anyio.sleep_forever()
+            return
+        restarts: deque[float] = deque()
+        while True:
+            suspect = self._suspect = anyio.Event()
+            with anyio.move_on_after(self.check_interval):
+                await suspect.wait()
+            async with self._embedded_lock:
+                if self._closing:
+                    break
+                if await anyio.to_thread.run_sync(embedded.is_running):
+                    continue
+            await self._restart_embedded(embedded, restarts)
+        log.info("embedded_postgres.supervision_ended", reason="closing")
+        await anyio.sleep_forever()  # the server stops, and stays stopped
+
+    async def _restart_embedded(self, embedded: EmbeddedPostgres, restarts: deque[float]) -> None:
+        died_pid = embedded.pid
+        detected = anyio.current_time()
+        log.error(
+            "embedded_postgres.died",
+            pid=died_pid,
+            exit_status=embedded.exit_status,
+            pgdata=str(embedded.pgdata),
+        )
+        delay = 0.25
+        while True:
+            now = anyio.current_time()
+            restarts.append(now)
+            while restarts and now - restarts[0] > self.restart_window:
+                restarts.popleft()
+            if len(restarts) > self.restart_limit:
+                log.error(
+                    "embedded_postgres.restart_limit",
+                    limit=self.restart_limit,
+                    window_s=self.restart_window,
+                )
+                raise EmbeddedDatabaseError(
+                    f"the embedded PostgreSQL in {embedded.pgdata} died and was started again "
+                    f"{self.restart_limit} times within {self.restart_window:.0f}s; giving up "
+                    f"(the daemon exits so that it is restarted whole); see {embedded.log_file}"
+                )
+            async with self._embedded_lock:
+                if self._closing:
+                    return
+                try:
+                    params = await anyio.to_thread.run_sync(embedded.restart)
+                except EmbeddedDatabaseError as exc:
+                    failed = exc
+                else:
+                    break
+            log.warning(
+                "embedded_postgres.restart_failed",
+                attempt=len(restarts),
+                error=str(failed),
+                retry_in_s=delay,
+            )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        await self._reconnect(params)
+        log.warning(
+            "embedded_postgres.restarted",
+            pid=embedded.pid,
+            previous_pid=died_pid,
+            attempt=len(restarts),
+            limit=self.restart_limit,
+            window_s=self.restart_window,
+            downtime_s=round(anyio.current_time() - detected, 3),
+        )
+
+    async def _reconnect(self, params: ConnectParams) -> None:
+        """Point the pool at the server started again, if it is reached elsewhere now.
+
+        The pool opens a new connection in place of each one the dead server
+        closed, on its next use, so nothing else is needed in the usual case.
+        """
+        if params == self._connect_params:
+            return
+        self._connect_params = params
+        self.pool.set_connect_args(
+            **params.asyncpg_kwargs(), timeout=self._connect_timeout, command_timeout=None
+        )
+        await self.pool.expire_connections()
+        log.info("database.reconnect_target_changed", host=params.host, port=params.port)
+
+    def _connection_failed(self) -> None:
+        """A connection error: have the supervisor check the embedded server now."""
+        if self._suspect is not None:
+            self._suspect.set()
 
     async def save(self, operation: Callable[[Pool], Awaitable[T]], what: str) -> T:
         """Run a save point; while the database is away, wait for it (never drop).
@@ -281,10 +422,17 @@ class Database:
         constraint) raises SavePointRefusedError: the caller answers its peer
         with an error, and the daemon carries on.
         """
+
+        async def attempt() -> T:
+            try:
+                return await operation(self.pool)
+            except Exception as exc:
+                if is_connection_error(exc):
+                    self._connection_failed()
+                raise
+
         try:
-            return await with_retries(
-                what, lambda: operation(self.pool), give_up_after=None, attempt_timeout=30.0
-            )
+            return await with_retries(what, attempt, give_up_after=None, attempt_timeout=30.0)
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise SavePointRefusedError(
                 f"the database refused the {what} save point: {exc}"
@@ -296,6 +444,7 @@ class Database:
             return await operation(self.pool)
         except Exception as exc:
             if is_connection_error(exc):
+                self._connection_failed()
                 raise DatabaseUnavailableError(f"the database is not reachable: {exc}") from exc
             raise
 

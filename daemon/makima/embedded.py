@@ -8,8 +8,15 @@ reach the socket, and none could log in if it did.
 
 The server runs in a session of its own, so it outlives a crashed daemon: the
 next start finds it through ``postmaster.pid`` and reuses it. A pid file left
-by a server that is gone is set aside and the server started again (it
-recovers from its WAL). A clean shutdown stops it.
+by a server that is gone is set aside, and so is the lock of its socket, and
+the server started again (it recovers from its WAL). While the daemon runs it
+watches the server (:meth:`EmbeddedPostgres.is_running`) and starts it again
+when it dies (:meth:`EmbeddedPostgres.restart`; the policy is
+:meth:`makima.database.Database.supervise`). A clean shutdown stops whichever
+server runs then.
+
+The server's output goes to ``STATE_DIR/postgres.log`` (mode 0600: it records
+failed statements), opened by the daemon and handed to the server.
 
 PostgreSQL refuses to run as root. When the daemon is root, the server runs
 as the system account ``makima-postgres`` (created on first use); its data
@@ -100,6 +107,8 @@ class PostmasterInfo:
     port: int
     socket_dir: str
     status: str
+    # The System V segment the server's processes stay attached to (key, id).
+    shared_memory: tuple[int, int] | None = None
 
     @classmethod
     def parse(cls, text: str) -> PostmasterInfo | None:
@@ -112,7 +121,17 @@ class PostmasterInfo:
         except ValueError:
             return None
         status = lines[7].strip() if len(lines) > 7 else ""
-        return cls(pid=pid, port=port, socket_dir=lines[4].strip(), status=status)
+        shared_memory: tuple[int, int] | None = None
+        fields = lines[6].split() if len(lines) > 6 else []
+        if len(fields) == 2 and all(field.isdigit() for field in fields):
+            shared_memory = (int(fields[0]), int(fields[1]))
+        return cls(
+            pid=pid,
+            port=port,
+            socket_dir=lines[4].strip(),
+            status=status,
+            shared_memory=shared_memory,
+        )
 
 
 def _process_serves(pid: int, pgdata: Path) -> bool:
@@ -125,6 +144,29 @@ def _process_serves(pid: int, pgdata: Path) -> bool:
     if not argv or Path(argv[0]).name != "postgres":
         return False
     return str(pgdata) in argv
+
+
+def _shared_memory_users(key: int, shmid: int) -> int | None:
+    """How many processes are attached to the segment (0 when it is gone; None: unknown)."""
+    try:
+        lines = Path("/proc/sysvipc/shm").read_text().splitlines()
+    except OSError:
+        return None
+    if not lines:
+        return None
+    header = lines[0].split()
+    try:
+        key_at, id_at, users_at = (header.index(n) for n in ("key", "shmid", "nattch"))
+    except ValueError:
+        return None
+    for line in lines[1:]:
+        fields = line.split()
+        try:
+            if int(fields[key_at]) == key and int(fields[id_at]) == shmid:
+                return int(fields[users_at])
+        except (IndexError, ValueError):
+            continue
+    return 0
 
 
 def _unreachable_parent(path: Path, account: _Account) -> Path | None:
@@ -165,6 +207,7 @@ class EmbeddedPostgres:
         """Make sure the server runs (initialising, reusing or starting it)."""
         account = self._account()
         self._prepare_state_dir(account)
+        os.close(self._open_log())  # private even when the server is reused
         password = self._ensure_initialised(account)
         info = self._running_info()
         if info is not None:
@@ -180,11 +223,38 @@ class EmbeddedPostgres:
             database=DATABASE_NAME,
         )
 
+    def restart(self, *, timeout: float = 60.0) -> ConnectParams:
+        """Start the server again after it died, on the same pgdata (it recovers
+        from its WAL). Reaps the dead server if this handle started it."""
+        self._reap()
+        self._info = None
+        return self.start(timeout=timeout)
+
+    def is_running(self) -> bool:
+        """Is the server this handle started or reused still alive?
+
+        A server this handle started is its child: asking reaps it once it has
+        exited. One reused from an earlier daemon is looked up in /proc.
+        """
+        info = self._info
+        if info is None:
+            return False
+        process = self._process
+        if process is not None and process.pid == info.pid:
+            return process.poll() is None
+        return _process_serves(info.pid, self.pgdata)
+
+    @property
+    def exit_status(self) -> int | None:
+        """The exit status of the server this handle started, once it has been reaped."""
+        return None if self._process is None else self._process.returncode
+
     def stop(self, *, timeout: float = 30.0) -> None:
-        """Stop the server (fast shutdown: open transactions roll back)."""
-        info = self._info or self._read_postmaster()
-        if info is None or not _process_serves(info.pid, self.pgdata):
+        """Stop the server that runs now (fast shutdown: open transactions roll back)."""
+        info = self._serving_info()
+        if info is None:
             self._reap()
+            self._forget()
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(info.pid, signal.SIGINT)
@@ -194,15 +264,32 @@ class EmbeddedPostgres:
                 os.kill(info.pid, signal.SIGQUIT)
             self._wait_gone(info.pid, 10.0)
         self._reap()
-        self._info = None
-        if self._temp_socket_dir is not None:
-            shutil.rmtree(self._temp_socket_dir, ignore_errors=True)
-            self._temp_socket_dir = None
+        self._forget()
         log.info("embedded_postgres.stopped", pid=info.pid)
 
     @property
     def pid(self) -> int | None:
         return None if self._info is None else self._info.pid
+
+    def _serving_info(self) -> PostmasterInfo | None:
+        """The server on this pgdata now: the one ``postmaster.pid`` names (it may
+        have been started again since this handle last looked), else the last one
+        this handle knew; None when neither is alive."""
+        try:
+            current = self._read_postmaster()
+        except EmbeddedDatabaseError as exc:
+            log.warning("embedded_postgres.pid_file_unreadable", error=str(exc))
+            current = None
+        for candidate in (current, self._info):
+            if candidate is not None and _process_serves(candidate.pid, self.pgdata):
+                return candidate
+        return None
+
+    def _forget(self) -> None:
+        self._info = None
+        if self._temp_socket_dir is not None:
+            shutil.rmtree(self._temp_socket_dir, ignore_errors=True)
+            self._temp_socket_dir = None
 
     # ----------------------------------------------------------------- steps
 
@@ -352,6 +439,7 @@ class EmbeddedPostgres:
                 self._set_aside(pid_file, "unreadable")
             return None
         if not _process_serves(info.pid, self.pgdata):
+            self._wait_detached(info)
             self._set_aside(pid_file, "stale", pid=info.pid)
             return None
         if info.status != "ready":
@@ -374,11 +462,77 @@ class EmbeddedPostgres:
             pid_file.unlink()
         log.warning("embedded_postgres.pid_file_removed", reason=why, **extra)
 
+    def _wait_detached(self, info: PostmasterInfo, timeout: float = 10.0) -> None:
+        """Wait for the processes of a dead server to let go of its shared memory.
+
+        When the postmaster dies, its children notice and exit within moments;
+        until the last has, a new server refuses to start ("pre-existing shared
+        memory block is still in use").
+        """
+        if info.shared_memory is None:
+            return
+        key, shmid = info.shared_memory
+        deadline = time.monotonic() + timeout
+        while True:
+            users = _shared_memory_users(key, shmid)
+            if not users:
+                return
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "embedded_postgres.shared_memory_in_use",
+                    pid=info.pid,
+                    shmid=shmid,
+                    attached=users,
+                    waited_s=timeout,
+                )
+                return
+            time.sleep(0.05)
+
+    def _remove_stale_socket_lock(self, socket_dir: Path) -> None:
+        """Remove the socket's lock file when the server that wrote it is gone.
+
+        PostgreSQL refuses to start while the lock names a process that exists,
+        and a killed server that nobody reaped (a zombie) still exists, as does
+        an unrelated process given its pid later.
+        """
+        lock = socket_dir / f".s.PGSQL.{PORT}.lock"
+        try:
+            first_line = lock.read_text(errors="replace").split("\n", 1)[0].strip()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise EmbeddedDatabaseError(f"cannot read {lock}: {exc}") from exc
+        pid = int(first_line) if first_line.lstrip("-").isdigit() else None
+        if pid is not None and _process_serves(abs(pid), self.pgdata):
+            return  # a live server holds it: starting fails with PostgreSQL's own message
+        lock.unlink(missing_ok=True)
+        (socket_dir / f".s.PGSQL.{PORT}").unlink(missing_ok=True)
+        log.warning("embedded_postgres.socket_lock_removed", pid=pid, path=str(lock))
+
+    def _open_log(self) -> int:
+        """``postgres.log`` for appending, mode 0600 even if it existed with a wider one."""
+        try:
+            fd = os.open(
+                self.log_file,
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o600,
+            )
+        except OSError as exc:
+            raise EmbeddedDatabaseError(f"cannot open {self.log_file}: {exc}") from exc
+        try:
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _socket_dir(self, account: _Account) -> Path:
         preferred = self.state_dir / "run"
         if len(str(preferred)) <= _MAX_SOCKET_DIR:
             preferred.mkdir(mode=0o700, exist_ok=True)
             directory = preferred
+        elif self._temp_socket_dir is not None and self._temp_socket_dir.is_dir():
+            directory = self._temp_socket_dir  # started again: where clients look already
         else:
             directory = Path(tempfile.mkdtemp(prefix="makima-pg-"))
             self._temp_socket_dir = directory
@@ -390,6 +544,7 @@ class EmbeddedPostgres:
         if not account.is_self:
             os.chown(directory, account.uid, account.gid)
         os.chmod(directory, 0o700)
+        self._remove_stale_socket_lock(directory)
         return directory
 
     def _launch(self, account: _Account, timeout: float) -> PostmasterInfo:
@@ -411,19 +566,19 @@ class EmbeddedPostgres:
             "-c",
             "password_encryption=scram-sha-256",
         ]
-        log_handle = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child
+        log_fd = self._open_log()  # the daemon opens it: the server's account may not
         try:
             self._process = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
-                stdout=log_handle,
+                stdout=log_fd,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
                 **self._identity(account),
             )
         finally:
-            log_handle.close()
+            os.close(log_fd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -7,6 +7,8 @@ import os
 import pwd
 import signal
 import socket
+import stat
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 
 from makima.database import Database, DatabaseConfig
 from makima.embedded import ConnectParams, EmbeddedPostgres, _process_serves
+from tests.harness import until
 
 pytestmark = pytest.mark.anyio
 
@@ -181,3 +184,95 @@ async def test_database_open_with_url(db_params: ConnectParams) -> None:
         assert await db.pool.fetchval("SELECT count(*) FROM supervisors") == 0
     finally:
         await db.close()
+
+
+def _zombie_children() -> list[int]:
+    """This process's children that have exited and not been reaped."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state == "Z" and int(ppid) == os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+async def test_started_again_while_the_killed_server_is_unreaped(
+    server: EmbeddedPostgres, state_dir: Path
+) -> None:
+    """A killed server nobody reaped (a zombie) still "exists" for PostgreSQL's lock
+    check: its socket lock file used to stop the next start."""
+    params = server.start()
+    await query(params, "CREATE TABLE survived AS SELECT 1 AS x")
+    pid = server.pid
+    assert pid is not None and server._process is not None
+    os.kill(pid, signal.SIGKILL)
+    lock = Path(params.host) / f".s.PGSQL.{params.port}.lock"
+    try:
+        await until(lambda: pid in _zombie_children(), "dead, and deliberately not reaped")
+        assert lock.read_text().split("\n", 1)[0] == str(pid)
+        fresh = EmbeddedPostgres(state_dir)
+        params = fresh.start()
+        assert fresh.pid != pid
+        assert await query(params, "SELECT sum(x) FROM survived") == 1  # recovered from WAL
+        assert lock.read_text().split("\n", 1)[0] == str(fresh.pid)
+        fresh.stop()
+    finally:
+        server._process.wait(timeout=20)
+
+
+def test_stop_stops_the_server_running_now(server: EmbeddedPostgres, state_dir: Path) -> None:
+    """The server was started again behind this handle's back: stop() stops the new
+    one (found through postmaster.pid), not the dead one it knew."""
+    server.start()
+    first = server.pid
+    assert first is not None and server._process is not None
+    os.kill(first, signal.SIGKILL)
+    server._process.wait(timeout=20)
+    other = EmbeddedPostgres(state_dir)
+    other.start()
+    second = other.pid
+    assert second is not None and second != first
+    server.stop()
+    assert not _process_serves(second, state_dir / "pgdata")
+    assert not (state_dir / "pgdata" / "postmaster.pid").exists()
+    other._reap()
+
+
+def test_restart_after_the_server_died(server: EmbeddedPostgres, state_dir: Path) -> None:
+    params = server.start()
+    first = server.pid
+    assert first is not None and server.is_running()
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while server.is_running():  # asking reaps the dead child
+        assert time.monotonic() < deadline, "the killed server did not exit"
+        time.sleep(0.05)
+    assert server.exit_status == -signal.SIGKILL
+    assert first not in _zombie_children()
+    again = server.restart()
+    assert again == params  # same socket, same credentials: the pool need not change
+    assert server.pid not in (None, first) and server.is_running()
+    server.stop()
+    assert not server.is_running()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_postgres_log_is_private(server: EmbeddedPostgres, state_dir: Path, existing: bool) -> None:
+    """postgres.log records failed statements: mode 0600, also when it existed as 0644."""
+    if existing:
+        state_dir.mkdir(mode=0o700)
+        server.log_file.write_text("an earlier run\n")
+        server.log_file.chmod(0o644)
+    server.start()
+    assert stat.S_IMODE(server.log_file.stat().st_mode) == 0o600
+    server.stop()
+    content = server.log_file.read_text()
+    assert "database system is ready to accept connections" in content  # the server wrote it
+    assert content.startswith("an earlier run\n") == existing
+    assert stat.S_IMODE(server.log_file.stat().st_mode) == 0o600

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from makima.model import TaskStatus
 from makima.tasks import TASK_ID_ENV, run_task, stop_orphaned_tasks, task_id_of
+from tests.harness import until
 
 pytestmark = pytest.mark.anyio
 
@@ -82,18 +83,6 @@ def cleanup(task_id: str, pidfile: Path) -> Iterator[None]:
 
 def pid_in(pidfile: Path) -> int | None:
     return int(pidfile.read_text()) if pidfile.exists() else None
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Wait for ``predicate`` to hold, checking every 20 ms; fail after DEADLINE."""
-    try:
-        with anyio.fail_after(DEADLINE):
-            while True:
-                if predicate():
-                    return
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"not {what} within {DEADLINE}s") from None
 
 
 async def pid_from(pidfile: Path) -> int:

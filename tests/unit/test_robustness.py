@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from makima.agent import AgentProtocolError, ErrorCode, parse_agent_line
-from makima.errors import InvalidValueError
+from makima.daemon import first_error
+from makima.errors import EmbeddedDatabaseError, InvalidValueError
 from makima.faults import FaultAction, FaultHook, FaultPlan, InjectedFault, Moment, SavePoint
 from makima.jsonline import top_level_member
 from makima.limits import encoded_size, fit_newest
@@ -52,6 +53,12 @@ def test_crash_reason_names_the_exceptions_inside_groups() -> None:
     group = ExceptionGroup("outer", [ExceptionGroup("inner", [ValueError("bad env")])])
     reason = crash_reason(group, "running its agent")
     assert reason.endswith("running its agent: ValueError: bad env")
+
+
+def test_a_daemon_ending_on_a_makima_error_says_that_error() -> None:
+    error = EmbeddedDatabaseError("restarted 6 times within 60s")
+    assert first_error(ExceptionGroup("g", [ExceptionGroup("h", [error])])) is error
+    assert first_error(ExceptionGroup("g", [error, ValueError("bug")])) is None
 
 
 def test_fault_plan_raise_for_one_supervisor() -> None:
