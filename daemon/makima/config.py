@@ -98,13 +98,18 @@ class DaemonConfig:
     agent_restart_window: float = 300.0
     agent_restart_backoff: float = 0.5
     task_restart_policy: TaskRestartPolicy = TaskRestartPolicy.INTERRUPT
-    max_connections: int = 256
+    max_connections: int = 256  # control connections served at once; more are refused
 
     def __post_init__(self) -> None:
         check_socket_path(self.socket_path)
         if self.heartbeat_interval <= 0:
             raise InvalidValueError(
                 f"heartbeat interval must be positive; got {self.heartbeat_interval}"
+            )
+        if self.max_connections < 1:
+            raise InvalidValueError(
+                f"max connections must be at least 1; got {self.max_connections}"
+                " (it is how many control connections the daemon serves at once)"
             )
 
     @classmethod

@@ -15,6 +15,7 @@ import pytest
 
 from makima.control.client import ControlClient, RemoteError
 from makima.daemon import Daemon
+from makima.limits import QUESTION_LIMIT
 from tests.harness import DEADLINE, Relay, client_for, next_event
 
 pytestmark = pytest.mark.anyio
@@ -152,9 +153,15 @@ async def test_slow_subscriber_is_dropped_and_the_daemon_carries_on(
                 await c.call("supervisor.create", {"name": "noisy", "command": relay.command})
                 agent = await relay.accept()
                 await agent.expect("start")
-                big = "q" * 200_000
+                # each question within the agent protocol's limit, and answered, so
+                # that the open ones stay within theirs (makima.limits)
+                big = "q" * (QUESTION_LIMIT - 4096)
                 for n in range(int(daemon.bus.buffer) + 60):
-                    await agent.request({"type": "ask", "question": f"{n} {big}"})
+                    asked = await agent.request({"type": "ask", "question": f"{n} {big}"})
+                    await c.call(
+                        "question.answer", {"question_id": asked["question_id"], "answer": "ok"}
+                    )
+                    await agent.expect("answer")
                     if daemon.bus.subscriber_count < 2:
                         break
                 # the fast subscriber saw the latest question; the slow one was dropped

@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 
 from makima.control.codec import (
     MAX_LINE,
+    SPILL,
     ClientDecoder,
     DecoderClosedError,
     ErrorCode,
     ErrorObject,
+    InputBudget,
     LineDecoder,
     Notification,
     ProtocolError,
@@ -282,6 +284,125 @@ def test_feed_eof_parses_a_last_line_without_newline() -> None:
     assert LineDecoder().feed_eof() == []
 
 
+# --- bounded input: what an unfinished line may hold ----------------------------
+
+
+def over_budget(frame: object) -> bool:
+    return (
+        isinstance(frame, ProtocolError)
+        and frame.code is ErrorCode.UNAVAILABLE
+        and frame.fatal
+        and frame.id is None
+    )
+
+
+def test_a_long_unfinished_line_draws_on_the_budget_until_it_ends() -> None:
+    budget = InputBudget(4 * SPILL)
+    decoder = LineDecoder(budget=budget)
+    data = padded_request(3 * SPILL)
+    assert decoder.feed(data[:SPILL]) == []
+    assert (decoder.pending, budget.used) == (SPILL, 0)  # short: the connection's own
+    assert decoder.feed(data[SPILL : SPILL + 1]) == []
+    assert budget.used == SPILL + 1  # past SPILL: the whole line, from then on
+    assert decoder.feed(data[SPILL + 1 : -1]) == []
+    assert budget.used == decoder.pending == 3 * SPILL
+    (frame,) = decoder.feed(data[-1:] + PING[:5])  # the line ends, a short one starts
+    assert frame == Request(7, "m", json.loads(data)["params"])
+    assert (decoder.pending, budget.used) == (5, 0)
+    assert decoder.feed(PING[5:]) == [Request(1, "daemon.hello", {})]
+
+
+def test_a_line_that_would_pass_the_budget_closes_only_its_decoder() -> None:
+    budget = InputBudget(3 * SPILL)
+    first, second, short = (LineDecoder(budget=budget) for _ in range(3))
+    assert first.feed(b"a" * (2 * SPILL)) == []
+    assert second.feed(b"b" * SPILL) == []  # its own share: nothing drawn
+    (error,) = second.feed(b"b")  # SPILL + 1 more would make 3 * SPILL + 1
+    assert over_budget(error)
+    assert isinstance(error, ProtocolError)
+    assert f"limit of {3 * SPILL} bytes" in error.message
+    assert second.closed
+    assert (second.pending, budget.used) == (0, 2 * SPILL)
+    with pytest.raises(DecoderClosedError):
+        second.feed(PING)
+    # short lines are never refused for the others' long ones, even with no budget left
+    assert first.feed(b"a" * SPILL) == []
+    assert budget.used == budget.limit
+    assert short.feed(b"x" * SPILL) == []  # unfinished, but short
+    error, request = short.feed(b"\n" + PING)
+    assert isinstance(error, ProtocolError) and error.code is ErrorCode.PARSE_ERROR
+    assert request == Request(1, "daemon.hello", {})
+    # a line that fits exactly is kept
+    exact = InputBudget(SPILL + 1)
+    third = LineDecoder(budget=exact)
+    assert third.feed(b"c" * (SPILL + 1)) == []
+    assert exact.used == SPILL + 1
+    assert over_budget(third.feed(b"c")[0])
+    assert exact.used == 0
+
+
+def test_close_gives_an_unfinished_line_back() -> None:
+    budget = InputBudget(8 * SPILL)
+    decoders = [LineDecoder(budget=budget) for _ in range(3)]
+    for n, decoder in enumerate(decoders):
+        assert decoder.feed(b"z" * (SPILL + 100 * n)) == []
+    assert budget.used == 2 * SPILL + 300  # the first one is short: not drawn
+    for decoder in decoders:
+        decoder.close()
+        decoder.close()  # idempotent
+        assert decoder.closed and decoder.pending == 0
+        with pytest.raises(DecoderClosedError):
+            decoder.feed(b"\n")
+    assert budget.used == 0
+
+
+def test_too_long_and_end_of_input_give_the_budget_back() -> None:
+    budget = InputBudget(4 * MAX_LINE)
+    long_one, ended = LineDecoder(budget=budget), LineDecoder(budget=budget)
+    assert long_one.feed(b"x" * MAX_LINE) == []
+    data = padded_request(2 * SPILL)
+    assert ended.feed(data[:-1]) == []
+    assert budget.used == MAX_LINE + 2 * SPILL
+    (error,) = long_one.feed(b"x")
+    assert isinstance(error, ProtocolError) and error.code is ErrorCode.INVALID_REQUEST
+    assert budget.used == 2 * SPILL
+    assert ended.feed_eof() == [Request(7, "m", json.loads(data)["params"])]
+    assert budget.used == 0
+
+
+def test_a_byte_at_a_time_past_spill() -> None:
+    budget = InputBudget(MAX_LINE)
+    decoder = LineDecoder(budget=budget)
+    data = padded_request(SPILL + 3)
+    for n, byte in enumerate(data[:-1], start=1):
+        assert decoder.feed(bytes([byte])) == []
+        assert decoder.pending == n
+        assert budget.used == (n if n > SPILL else 0)
+    assert decoder.feed(b"\n") == [Request(7, "m", json.loads(data)["params"])]
+    assert budget.used == 0
+
+
+def test_the_decoder_keeps_none_of_the_bytes_it_is_fed() -> None:
+    for size in (10 + len(PING), SPILL + 10):
+        decoder = LineDecoder(budget=InputBudget(MAX_LINE))
+        line = padded_request(size)
+        data = bytearray(line[:-1])
+        assert decoder.feed(data) == []
+        data[:] = b"\n" * len(data)  # the caller reuses its buffer...
+        data.extend(b"\n")  # ...and resizes it: no view of it is kept
+        assert decoder.feed(b"\n") == [Request(7, "m", json.loads(line)["params"])]
+
+
+def test_budgets_and_limits_are_checked() -> None:
+    with pytest.raises(InvalidValueError):
+        InputBudget(-1)
+    budget = InputBudget(10)
+    assert budget.take(10) and not budget.take(1)
+    budget.give(10)
+    with pytest.raises(RuntimeError):
+        budget.give(1)
+
+
 # --- client side: responses and notifications ---------------------------------
 
 
@@ -481,3 +602,26 @@ def test_result_round_trip(request_id: str | int, result: Any) -> None:
     assert ClientDecoder().feed(encode_result(request_id, result)) == [
         Response(request_id, result=result)
     ]
+
+
+@given(
+    st.lists(
+        st.one_of(wire_lines(), st.integers(SPILL - 2, 3 * SPILL).map(padded_request)),
+        max_size=5,
+    ),
+    st.lists(st.integers(min_value=0, max_value=8 * SPILL), max_size=12),
+)
+def test_any_split_draws_on_the_budget_for_the_long_unfinished_line_only(
+    lines: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(lines)
+    budget = InputBudget(MAX_LINE)
+    decoder = LineDecoder(budget=budget)
+    pieces: list[Request | ProtocolError] = []
+    start = 0
+    for cut in [*sorted({min(c, len(stream)) for c in cuts}), len(stream)]:
+        pieces += decoder.feed(stream[start:cut])
+        start = cut
+        assert budget.used == (decoder.pending if decoder.pending > SPILL else 0)
+    assert pieces == LineDecoder().feed(stream)
+    assert budget.used == 0

@@ -359,8 +359,9 @@ class ControlClient:
         if frame.id is None:
             error = frame.error
             assert error is not None  # the codec allows a null id only with an error
-            if error.code == ErrorCode.FORBIDDEN:
-                # The daemon refuses this peer: every call fails with its reason.
+            if error.code in (ErrorCode.FORBIDDEN, ErrorCode.UNAVAILABLE):
+                # The daemon refuses this peer (not allowed, or too many connections
+                # or too much unfinished input): every call fails with its reason.
                 self._finish(
                     partial(RemoteError, error.code, error.message, error.data), clean=False
                 )

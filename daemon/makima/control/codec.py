@@ -9,9 +9,11 @@ and the client do the I/O and act on the frames.
 What the decoders do with bad input (design §9):
 
 - a line longer than the limit: ``ProtocolError(INVALID_REQUEST, fatal=True)``,
-  reported as soon as the buffer passes the limit without a newline (nothing
-  more is buffered); the decoder is then closed and the server closes the
-  connection;
+  reported as soon as the unfinished line would pass the limit (nothing more
+  is kept); the decoder is then closed and the server closes the connection;
+- an unfinished line longer than :data:`SPILL` that would take the decoders
+  sharing an :class:`InputBudget` past it: ``ProtocolError(UNAVAILABLE,
+  fatal=True)``, likewise (the server gives all its connections one budget);
 - a line that is not UTF-8, or not JSON (``NaN`` and ``Infinity`` included):
   ``PARSE_ERROR``, not fatal;
 - JSON that is not a proper message: ``INVALID_REQUEST``, not fatal, carrying
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import json
+import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeAlias, TypeGuard, TypeVar
@@ -287,6 +290,110 @@ def _parse_notification(obj: dict[str, Any]) -> Notification | ProtocolError:
 
 # --- line framing ------------------------------------------------------------
 
+SPILL = 16 * 1024
+"""Bytes of an unfinished line a decoder keeps in an ordinary buffer.
+
+A longer unfinished line moves to memory mapped for it alone (anonymous
+``mmap``), given back to the operating system the moment the line ends or the
+decoder closes, and drawn from the decoder's :class:`InputBudget`, if any.
+"""
+
+
+class InputBudget:
+    """Bytes of long unfinished lines that the decoders sharing it may hold together.
+
+    A decoder draws on it for an unfinished line once the line passes
+    :data:`SPILL` bytes (for the whole line from then on), and gives it all back
+    when the line ends or the decoder closes. A line that would take the total
+    past ``limit`` is refused with a fatal ``UNAVAILABLE`` :class:`ProtocolError`.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise InvalidValueError(f"an input budget must be at least 0 bytes, got {limit}")
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        """Draw ``size`` bytes; False, and nothing drawn, if they do not fit."""
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        if size > self.used:
+            raise RuntimeError(f"gave back {size} bytes of an input budget with {self.used} used")
+        self.used -= size
+
+
+class _UnfinishedLine:
+    """The bytes received of a line whose newline has not come yet (never a newline).
+
+    Up to :data:`SPILL` bytes live in a bytearray; a longer line lives in an
+    anonymous mmap of ``capacity`` bytes (only the pages written take memory),
+    unmapped as soon as the line is taken or cleared. Copying each piece in,
+    rather than keeping the received chunks, keeps nothing of the caller's
+    buffers, and costs no per-chunk overhead when a peer sends a byte at a time.
+    """
+
+    __slots__ = ("_budget", "_capacity", "_head", "_spill", "charged", "size")
+
+    def __init__(self, capacity: int, budget: InputBudget | None) -> None:
+        self._capacity = capacity
+        self._budget = budget
+        self._head = bytearray()
+        self._spill: mmap.mmap | None = None
+        self.size = 0
+        self.charged = 0  # bytes drawn from the budget
+
+    def add(self, piece: memoryview) -> bool:
+        """Keep ``piece`` (the caller checked the capacity); False if the budget
+        refuses it, and then nothing was added."""
+        size = self.size + len(piece)
+        if self._spill is None and size <= SPILL:
+            self._head += piece
+            self.size = size
+            return True
+        if self._budget is not None:
+            if not self._budget.take(size - self.charged):
+                return False
+            self.charged = size
+        if self._spill is None:
+            self._spill = mmap.mmap(-1, self._capacity)
+            self._spill[: self.size] = self._head
+            self._head = bytearray()
+        self._spill[self.size : size] = piece
+        self.size = size
+        return True
+
+    def take(self, tail: memoryview) -> bytes:
+        """What is held followed by ``tail``, as one line; this is then empty."""
+        if self._spill is None:
+            line = b"".join((self._head, tail)) if self.size else bytes(tail)
+        else:
+            held = memoryview(self._spill)
+            try:
+                line = b"".join((held[: self.size], tail))
+            finally:
+                held.release()
+        self.clear()
+        return line
+
+    def clear(self) -> None:
+        """Drop what is held; give the mapped memory and the budget back."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+        if self.size:
+            self._head = bytearray()
+            self.size = 0
+        if self.charged:
+            assert self._budget is not None
+            self._budget.give(self.charged)
+            self.charged = 0
+
+
 FrameT = TypeVar("FrameT")
 
 
@@ -295,17 +402,20 @@ class BaseLineDecoder(Generic[FrameT]):
 
     Use :class:`LineDecoder` (the server's side) or :class:`ClientDecoder`.
 
-    ``feed`` returns the frames of every complete line, in order. After a fatal
-    :class:`ProtocolError` (a line over ``max_line``), or after :meth:`feed_eof`,
-    the decoder is closed and feeding it raises :class:`DecoderClosedError`.
+    ``feed`` returns the frames of every complete line, in order. It keeps at
+    most ``max_line`` bytes of an unfinished line, none of the bytes it is given,
+    and draws on ``budget`` for an unfinished line longer than :data:`SPILL`.
+    After a fatal :class:`ProtocolError` (a line over ``max_line``, or over the
+    budget), after :meth:`feed_eof` or after :meth:`close`, the decoder is
+    closed, holds nothing, and feeding it raises :class:`DecoderClosedError`.
     """
 
-    def __init__(self, *, max_line: int = MAX_LINE) -> None:
+    def __init__(self, *, max_line: int = MAX_LINE, budget: InputBudget | None = None) -> None:
         if max_line < 1:
             raise InvalidValueError(f"max_line must be at least 1, got {max_line}")
         self.max_line = max_line
-        self._buffer = bytearray()
-        self._scanned = 0  # leading bytes of _buffer known to hold no newline
+        self.budget = budget
+        self._line = _UnfinishedLine(max_line, budget)
         self._closed = False
 
     @property
@@ -315,25 +425,25 @@ class BaseLineDecoder(Generic[FrameT]):
     @property
     def pending(self) -> int:
         """Bytes held while waiting for a newline (never more than ``max_line``)."""
-        return len(self._buffer)
+        return self._line.size
 
-    def feed(self, data: bytes) -> list[FrameT | ProtocolError]:
+    def feed(self, data: bytes | bytearray) -> list[FrameT | ProtocolError]:
         self._check_open()
-        self._buffer += data
         frames: list[FrameT | ProtocolError] = []
+        view = memoryview(data)
+        start = 0
         while True:
-            newline = self._buffer.find(b"\n", self._scanned)
-            if newline < 0:
-                self._scanned = len(self._buffer)
-                if self._scanned > self.max_line:
-                    frames.append(self._too_long())
-                return frames
-            line = bytes(self._buffer[:newline])
-            del self._buffer[: newline + 1]
-            self._scanned = 0
-            if len(line) > self.max_line:
+            newline = data.find(b"\n", start)
+            end = len(data) if newline < 0 else newline
+            if self._line.size + end - start > self.max_line:
                 frames.append(self._too_long())
                 return frames
+            if newline < 0:
+                if start < end and not self._line.add(view[start:]):
+                    frames.append(self._over_budget(self._line.size + end - start))
+                return frames
+            line = self._line.take(view[start:newline])
+            start = newline + 1
             frame = self._parse_line(line)
             if frame is not None:
                 frames.append(frame)
@@ -341,11 +451,19 @@ class BaseLineDecoder(Generic[FrameT]):
     def feed_eof(self) -> list[FrameT | ProtocolError]:
         """The peer closed its side: parse a last line left without a newline, then close."""
         self._check_open()
-        self._closed = True
-        line = bytes(self._buffer)
-        self._buffer.clear()
+        line = self._line.take(memoryview(b""))
+        self.close()
         frame = self._parse_line(line)
         return [] if frame is None else [frame]
+
+    def close(self) -> None:
+        """Drop any unfinished line, giving its memory and budget back; idempotent.
+
+        Whoever reads a connection calls this when the connection ends, however
+        it ends: an unfinished line's share of the budget is not given back before.
+        """
+        self._closed = True
+        self._line.clear()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -354,11 +472,22 @@ class BaseLineDecoder(Generic[FrameT]):
             )
 
     def _too_long(self) -> ProtocolError:
-        self._closed = True
-        self._buffer.clear()
+        self.close()
         return ProtocolError(
             ErrorCode.INVALID_REQUEST,
             f"line longer than {self.max_line} bytes; closing the connection",
+            fatal=True,
+        )
+
+    def _over_budget(self, size: int) -> ProtocolError:
+        assert self.budget is not None
+        self.close()  # what this line held is given back before the numbers are read
+        return ProtocolError(
+            ErrorCode.UNAVAILABLE,
+            f"too much unfinished input: this line's first {size} bytes and the"
+            f" {self.budget.used} bytes of long unfinished lines held for other connections"
+            f" would pass the limit of {self.budget.limit} bytes for them all;"
+            " closing the connection, try again later",
             fatal=True,
         )
 

@@ -4,6 +4,23 @@ SO_PEERCRED, decodes JSON-RPC lines and hands requests to a dispatcher.
 Generic: what the methods do lives in :mod:`makima.api`. A dispatcher
 returns a :class:`Reply` (a result, plus optional work to do once the
 response is written) or a :class:`Stream` (a result, then notifications).
+
+What the connections may cost is bounded:
+
+- at most ``max_connections`` are served at once; one more gets an
+  ``UNAVAILABLE`` error line naming the cap, and is closed;
+- an unfinished line is at most :data:`~makima.control.codec.MAX_LINE` bytes
+  (``INVALID_REQUEST``, closed), and up to
+  :data:`~makima.control.codec.SPILL` bytes of it are the connection's own;
+  longer unfinished lines draw on one budget of :data:`INPUT_BUDGET` bytes for
+  all connections together (past it: ``UNAVAILABLE``, closed). Such lines live
+  in memory mapped for each alone, given back to the OS when the line ends or
+  the connection closes. So all unfinished input together stays under
+  ``max_connections`` x ``SPILL`` + ``INPUT_BUDGET`` (4 + 64 MiB by default),
+  and a connection that sends short lines is never refused for the others' long
+  ones;
+- at most :data:`MAX_LINGERING` refused connections wait for their peer to read
+  why; the others are closed right after their error line.
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ import structlog
 from makima.control.codec import (
     EVENT_METHOD,
     ErrorCode,
+    InputBudget,
     LineDecoder,
     ProtocolError,
     Request,
@@ -50,6 +68,13 @@ REFUSAL_LINGER = 2.0
 """Seconds a refused peer's connection stays open for it to read why."""
 MAX_REFUSED_INPUT = 64 * 1024
 """Bytes read (and dropped) from a refused peer before its connection is closed."""
+RECEIVE_SIZE = 16 * 1024
+"""Bytes asked of the socket per read (anyio's default, 64 KiB, is allocated whole
+for every read, and a shorter read leaves a hole the next one may not fit)."""
+MAX_LINGERING = 64
+"""Refused connections that may wait for their peer at once; more are closed at once."""
+INPUT_BUDGET = 64 << 20
+"""Bytes of long unfinished lines (past ``codec.SPILL`` each) all connections may hold."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +174,17 @@ class ControlServer:
         daemon_uid: int | None = None,
         send_timeout: float = 5.0,
         max_connections: int = 256,
+        input_budget: int | None = None,
     ) -> None:
+        if max_connections < 1:
+            raise InvalidValueError(f"max_connections must be at least 1, got {max_connections}")
         self.dispatch = dispatch
         self.max_connections = max_connections
+        self.input_budget = InputBudget(INPUT_BUDGET if input_budget is None else input_budget)
         self.daemon_uid = os.getuid() if daemon_uid is None else daemon_uid
         self.send_timeout = send_timeout
+        self.connections = 0  # served now (refused ones not counted)
+        self._lingering = 0
         self._socket_gid = os.getgid()
         self._effects: anyio.abc.TaskGroup | None = None
 
@@ -199,27 +230,66 @@ class ControlServer:
             )
             if not allowed:
                 log.warning("control.peer_refused", pid=peer.pid, uid=peer.uid, gid=peer.gid)
-                await _refuse(
+                await self._refuse(
                     stream,
+                    ErrorCode.FORBIDDEN,
                     f"uid {peer.uid} may not use this daemon: it needs to be root, "
                     f"uid {self.daemon_uid}, or in group {self._socket_gid}",
                 )
                 return
-            await _Connection(self, stream, peer).run()
+            if self.connections >= self.max_connections:
+                log.warning(
+                    "control.connection_refused",
+                    reason="max_connections",
+                    max_connections=self.max_connections,
+                    pid=peer.pid,
+                    uid=peer.uid,
+                )
+                await self._refuse(
+                    stream,
+                    ErrorCode.UNAVAILABLE,
+                    f"too many connections: the daemon serves at most {self.max_connections}"
+                    " at once; try again when one has closed, or raise the limit with"
+                    " `makima daemon --max-connections N` (env MAKIMA_MAX_CONNECTIONS)",
+                )
+                return
+            self.connections += 1
+            try:
+                await _Connection(self, stream, peer).run()
+            finally:
+                self.connections -= 1
+
+    async def _refuse(self, stream: anyio.abc.SocketStream, code: ErrorCode, message: str) -> None:
+        """Tell a refused peer why, then read what it sends until it hangs up (briefly).
+
+        Closing at once could beat the peer's first request: its send would then fail
+        (EPIPE) before it read the reason, and it would report a broken pipe instead.
+        The wait ends by hanging the socket up, not by cancelling the read (see
+        :func:`~makima.control.streams.hang_up`). Past :data:`MAX_LINGERING` refused
+        connections waiting at once, one is closed right after its line.
+        """
+        linger = self._lingering < MAX_LINGERING
+        self._lingering += int(linger)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_hang_up_after, stream, REFUSAL_LINGER)
+                with contextlib.suppress(
+                    anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+                ):
+                    await stream.send(encode_error(None, code, message))
+                    await stream.send_eof()
+                    received = 0
+                    while linger and received < MAX_REFUSED_INPUT:
+                        received += len(await stream.receive())
+                tg.cancel_scope.cancel()  # the timer: nothing waits on the socket now
+        finally:
+            self._lingering -= int(linger)
 
 
-async def _refuse(stream: anyio.abc.SocketStream, message: str) -> None:
-    """Tell a refused peer why, then read what it sends until it hangs up (briefly).
-
-    Closing at once could beat the peer's first request: its send would then fail
-    (EPIPE) before it read the reason, and it would report a broken pipe instead.
-    """
-    with contextlib.suppress(Exception), anyio.move_on_after(REFUSAL_LINGER):
-        await stream.send(encode_error(None, ErrorCode.FORBIDDEN, message))
-        await stream.send_eof()
-        received = 0
-        while received < MAX_REFUSED_INPUT:
-            received += len(await stream.receive())
+async def _hang_up_after(stream: anyio.abc.SocketStream, delay: float) -> None:
+    """End, after ``delay`` seconds, whatever still waits on ``stream``."""
+    await anyio.sleep(delay)
+    hang_up(stream)
 
 
 async def _call(function: Callable[[], Awaitable[None]]) -> None:
@@ -240,25 +310,41 @@ class _Connection:
                 await self.stream.send(data)
 
     async def run(self) -> None:
-        decoder = LineDecoder()
-        async with anyio.create_task_group() as tg:
+        decoder = LineDecoder(budget=self.server.input_budget)
+        try:
+            async with anyio.create_task_group() as tg:
+                with contextlib.suppress(
+                    anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError, OSError
+                ):
+                    await self._serve(decoder, tg)
+                tg.cancel_scope.cancel()
+        finally:
+            decoder.close()  # an unfinished line's memory and budget, however this ends
+
+    async def _serve(self, decoder: LineDecoder, tg: anyio.abc.TaskGroup) -> None:
+        """Answer requests until the peer stops, or breaks the protocol beyond repair."""
+        while True:
             try:
-                async for data in self.stream:
-                    for frame in decoder.feed(data):
-                        if self.closed:  # dropped: what it sent after that is not run
-                            break
-                        if isinstance(frame, ProtocolError):
-                            await self.send(encode_error(frame.id, frame.code, frame.message))
-                            if frame.fatal:
-                                log.warning("control.connection_closed", reason=frame.message)
-                                tg.cancel_scope.cancel()
-                                return
-                            continue
-                        if isinstance(frame, Request):
-                            await self._request(frame, tg)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError, OSError):
-                pass
-            tg.cancel_scope.cancel()
+                data = await self.stream.receive(RECEIVE_SIZE)
+            except anyio.EndOfStream:
+                return
+            for frame in decoder.feed(data):
+                if self.closed:  # dropped: what it sent after that is not run
+                    break
+                if isinstance(frame, ProtocolError):
+                    if frame.fatal:  # the decoder has already let go of the line
+                        log.warning(
+                            "control.connection_closed",
+                            reason=frame.message,
+                            code=int(frame.code),
+                            pid=self.peer.pid,
+                        )
+                    await self.send(encode_error(frame.id, frame.code, frame.message))
+                    if frame.fatal:
+                        return
+                    continue
+                if isinstance(frame, Request):
+                    await self._request(frame, tg)
 
     async def _request(self, request: Request, tg: anyio.abc.TaskGroup) -> None:
         try:
