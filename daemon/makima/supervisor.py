@@ -637,7 +637,12 @@ class Supervisor:
         return {"running": [str(t) for t in self._running_tasks]}, None
 
     async def _send_tasks_done(self) -> None:
-        await self._reply(tasks_done_message())
+        await self._notify(tasks_done_message())
+
+    async def _notify(self, message: Mapping[str, Any]) -> None:
+        """Tell the agent something unasked; once it has finished it hears only replies."""
+        if self._finished_at is None:
+            await self._reply(message)
 
     async def _finish(self) -> None:
         """After done/fail: stop leftover tasks; the agent's stdin closes once it has
@@ -698,7 +703,7 @@ class Supervisor:
             exit_code=outcome.exit_code,
         )
         if finished is not None:
-            await self._reply(
+            await self._notify(
                 task_finished_message(
                     str(task.task_id), outcome.status.value, outcome.exit_code, outcome.output_tail
                 )
