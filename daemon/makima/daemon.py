@@ -383,22 +383,27 @@ class Daemon:
         """Cancel a running supervisor; ConflictError when it is (or just became) finished."""
         runner = self.runners.get(supervisor_id)
         if runner is None or runner.supervisor.state.state.is_terminal:
-            raise self._not_unfinished(supervisor_id, runner, "cancelled")
+            raise await self._not_unfinished(supervisor_id, runner)
         supervisor = runner.supervisor
         cancelled = await runner.call(
             "cancelling it", lambda: supervisor.stop(StopReason.CANCEL, f"cancelled by uid {uid}")
         )
         if not cancelled:  # its agent finished first (done or fail won the race)
-            raise self._not_unfinished(supervisor_id, runner, "cancelled")
+            raise await self._not_unfinished(supervisor_id, runner)
         return supervisor.state.state
 
-    def _not_unfinished(
-        self, supervisor_id: uuid.UUID, runner: Runner | None, verb: str
+    async def _not_unfinished(
+        self, supervisor_id: uuid.UUID, runner: Runner | None
     ) -> ConflictError:
-        current = runner.supervisor.state.state.value if runner is not None else "finished"
+        if runner is not None:
+            current = runner.supervisor.state.state.value
+        else:
+            found = await self.db.query(lambda pool: repo.get_supervisor(pool, supervisor_id))
+            state = found[1] if found is not None else None
+            current = state.state.value if state is not None else "unknown"
         return ConflictError(
             f"supervisor {supervisor_id} is already {current}; only unfinished supervisors "
-            f"can be {verb}",
+            "can be cancelled",
             {"state": current},
         )
 
