@@ -37,7 +37,7 @@ import structlog
 from makima import repository as repo
 from makima.config import TaskRestartPolicy
 from makima.database import Database, Pool, told_of_retries
-from makima.errors import InvalidValueError, MakimaError, NotFoundError
+from makima.errors import InvalidValueError, NotFoundError
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
 from makima.limits import LINE_BUDGET, encoded_size
@@ -320,22 +320,34 @@ async def plan_guarded(
         return crashed_plan(loaded, source, exc)
 
 
-async def write(restorer: Restorer, plans: Sequence[Plan]) -> None:
-    """Save each decided state, then count the restorations (in bulk)."""
+async def write(restorer: Restorer, plans: list[Plan]) -> None:
+    """Save each decided state, then count the restorations (in bulk). A state that
+    cannot be saved fails its own supervisor (the crash boundary), not the others."""
     db = restorer.db
-    for p in plans:
+    for index, p in enumerate(plans):
         try:
-            version = await db.save(
-                functools.partial(repo.save_supervisor_state_full, state=p.state), "restore_state"
-            )
-        except MakimaError as exc:
+            version = await _save_state(db, p.state)
+        except Exception as exc:
             if p.crash is None:
-                raise
-            # Marking a crashed one failed is refused too: it stays as it was, unlaunched.
+                log.exception(
+                    "supervisor.crashed",
+                    supervisor_id=str(p.supervisor_id),
+                    during="saving its restored state",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                p = plans[index] = crashed_plan(p.loaded, p.source, exc)
+                try:
+                    version = await _save_state(db, p.state)
+                except Exception as second:  # noqa: BLE001 - the crash boundary
+                    exc = second
+                else:
+                    p.state = dataclasses.replace(p.state, version=version)
+                    continue
+            # Not even failed could be saved: the row stays as it was, unlaunched.
             log.warning(
                 "restoration.failed_state_not_saved",
                 supervisor_id=str(p.supervisor_id),
-                error=str(exc),
+                error=f"{type(exc).__name__}: {exc}",
             )
             continue
         p.state = dataclasses.replace(p.state, version=version)
@@ -368,6 +380,12 @@ async def write(restorer: Restorer, plans: Sequence[Plan]) -> None:
             p.validation,
             p.restoration_count,
         )
+
+
+async def _save_state(db: Database, state: SupervisorState) -> int:
+    return await db.save(
+        functools.partial(repo.save_supervisor_state_full, state=state), "restore_state"
+    )
 
 
 def _mark_restored(

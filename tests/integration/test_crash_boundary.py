@@ -227,3 +227,45 @@ async def test_a_poisoned_spec_saved_earlier_fails_alone_and_the_daemon_stays_up
             assert (await agent.request({"type": "phase", "phase": "on"}))["type"] == "ack"
             assert (await client.call("daemon.status"))["running_agents"] == 1
         daemon.request_shutdown()
+
+
+async def test_a_restored_state_the_database_refuses_fails_that_supervisor_only(
+    db_params: ConnectParams, short_tmp: Path, relay: Relay
+) -> None:
+    """Before, one refused save of a restored state aborted the whole startup."""
+    config = daemon_config(db_params, short_tmp)
+    first = Daemon(config, handle_signals=False)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(DEADLINE):
+            await tg.start(first.run)
+        async with client_for(first) as client:
+            victim, _ = await start_agent(client, relay, "victim")
+            bystander, _ = await start_agent(client, relay, "bystander")
+        first.request_shutdown()
+    pool = await create_pool(db_params, min_size=1, max_size=1)
+    try:  # the database itself refuses any state but failed for the victim
+        await pool.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$"
+        )
+        await pool.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON supervisor_states FOR EACH ROW "
+            f"WHEN (NEW.supervisor_id = '{victim}' AND NEW.state <> 'failed') "
+            "EXECUTE FUNCTION refuse()"
+        )
+    finally:
+        await pool.close()
+    second = Daemon(config, handle_signals=False)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(DEADLINE):
+            await tg.start(second.run)
+        report = second.startup_report
+        assert report is not None
+        assert [e["supervisor_id"] for e in report["failed"]] == [victim]
+        assert "refused for the test" in report["failed"][0]["issues"][0]
+        agent = await relay.accept()
+        assert (await agent.expect("start"))["supervisor_id"] == bystander
+        async with client_for(second) as client:
+            body = await client.call("supervisor.get", {"supervisor_id": victim})
+            assert body["state"] == "failed"
+        second.request_shutdown()
