@@ -27,6 +27,7 @@ from makima.jsonline import load_json_line, top_level_member, unstorable
 from makima.limits import HISTORY_PAGE_LIMIT, MAX_SEQ
 from makima.lines import MAX_LINE, LineBuffer, TooLong
 from makima.model import (
+    brief,
     parse_command,
     parse_env,
     parse_int,
@@ -184,8 +185,11 @@ def _parse_body(kind: AgentMessageType, obj: Mapping[str, Any]) -> AgentMessage:
         case AgentMessageType.PHASE:
             return Phase(parse_text(need("phase"), "phase", allow_empty=False))
         case AgentMessageType.MESSAGE:
+            content = need("content")
+            if content is None:
+                raise InvalidValueError("'message' needs a 'content' that is not null")
             return Message(
-                role=parse_text(need("role"), "role", allow_empty=False), content=need("content")
+                role=parse_text(need("role"), "role", allow_empty=False), content=content
             )
         case AgentMessageType.CHECKPOINT:
             return Checkpoint(data=need("data"))
@@ -243,7 +247,7 @@ def parse_agent_line(line: bytes) -> Envelope:
     ref = obj.get("ref")
     if ref is not None and (isinstance(ref, bool) or not isinstance(ref, str | int)):
         raise AgentProtocolError(
-            ErrorCode.INVALID, f"ref must be a string or an integer; got {ref!r}"
+            ErrorCode.INVALID, f"ref must be a string or an integer; got {brief(ref)}"
         )
     kind = obj.get("type")
     if not isinstance(kind, str):
@@ -267,7 +271,12 @@ def parse_agent_line(line: bytes) -> Envelope:
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
-    return (json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+    """One line for the agent: compact UTF-8 JSON (ASCII escapes for a lone surrogate,
+    which UTF-8 cannot carry)."""
+    try:
+        return (json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:
+        return (json.dumps(message, separators=(",", ":")) + "\n").encode()
 
 
 def ack(ref: Ref, **results: Any) -> dict[str, Any]:

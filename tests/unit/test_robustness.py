@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from makima.agent import AgentProtocolError, ErrorCode, parse_agent_line
+from makima.agent import AgentProtocolError, ErrorCode, encode, parse_agent_line
 from makima.daemon import first_error
 from makima.errors import EmbeddedDatabaseError, InvalidValueError
 from makima.faults import FaultAction, FaultHook, FaultPlan, InjectedFault, Moment, SavePoint
@@ -216,3 +216,18 @@ def test_fit_newest_keeps_the_newest_in_order() -> None:
     kept, cut = fit_newest(entries, budget=3 * (encoded_size(entries[0]) + 1))
     assert [e["n"] for e in kept] == [7, 8, 9] and cut
     assert fit_newest(entries) == (entries, False)
+
+
+def test_a_ref_with_a_lone_surrogate_is_refused_and_echoed() -> None:
+    """Echoing it killed the daemon (UTF-8 cannot carry it): it goes back escaped."""
+    with pytest.raises(AgentProtocolError) as refused:
+        parse_agent_line(b'{"type":"activity","text":"x","ref":"\\ud800"}')
+    assert refused.value.code is ErrorCode.INVALID and refused.value.ref == "\ud800"
+    assert "lone surrogate" in str(refused.value)
+    assert encode({"type": "ack", "ref": "\ud800"}) == b'{"type":"ack","ref":"\\ud800"}\n'
+
+
+def test_a_message_without_content_is_invalid() -> None:
+    with pytest.raises(AgentProtocolError) as refused:
+        parse_agent_line(b'{"type":"message","role":"r","content":null,"ref":1}')
+    assert refused.value.code is ErrorCode.INVALID and refused.value.ref == 1
