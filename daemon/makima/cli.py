@@ -25,11 +25,13 @@ from makima.config import DaemonConfig, TaskRestartPolicy, client_socket_path
 from makima.control.client import ControlClient, DaemonNotRunningError, RemoteError
 from makima.drill import DrillSettings
 from makima.errors import MakimaError
+from makima.fuzz import FuzzSettings
 from makima.prompt import prompt_answer
 
 T = TypeVar("T")
 
 DRILL_DEFAULTS = DrillSettings()
+FUZZ_DEFAULTS = FuzzSettings()
 EXIT_FAILURE = 1
 EXIT_NO_DAEMON = 3
 
@@ -185,6 +187,14 @@ def main() -> None:
     default=300.0,
     show_default=True,
 )
+@click.option(
+    "--max-connections",
+    envvar="MAKIMA_MAX_CONNECTIONS",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Control connections served at once; more are refused (env MAKIMA_MAX_CONNECTIONS).",
+)
 def daemon(
     state_dir: Path | None,
     database_url: str | None,
@@ -193,6 +203,7 @@ def daemon(
     task_restart_policy: str,
     agent_restart_limit: int,
     agent_restart_window: float,
+    max_connections: int,
 ) -> None:
     """Run the daemon in the foreground (what systemd runs)."""
     from makima.daemon import Daemon
@@ -209,6 +220,7 @@ def daemon(
             task_restart_policy=TaskRestartPolicy(task_restart_policy),
             agent_restart_limit=agent_restart_limit,
             agent_restart_window=agent_restart_window,
+            max_connections=max_connections,
         )
         sockets = listen_fds()
         the_daemon = Daemon(
@@ -605,6 +617,20 @@ def demo(state_dir: Path | None, preset: str | None, timeout: float) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Keep the drill's files here (default: a temporary directory).",
 )
+@click.option(
+    "--fuzz",
+    "fuzz_frames",
+    type=click.IntRange(min=1),
+    is_flag=False,
+    flag_value=FUZZ_DEFAULTS.frames,
+    default=None,
+    metavar="[N]",
+    help=(
+        "Fuzz instead of killing: N hostile control frames (default "
+        f"{FUZZ_DEFAULTS.frames}), hostile agent lines and stalled clients against the daemon;"
+        " checks that it answers, loses nothing acknowledged and keeps its RSS bounded."
+    ),
+)
 @json_option
 def drill(
     agents: int,
@@ -612,14 +638,23 @@ def drill(
     seed: int | None,
     database_url: str | None,
     scratch: Path | None,
+    fuzz_frames: int | None,
     as_json: bool,
 ) -> None:
-    """Crash-and-restart drill on a scratch state dir; exits 1 on any violation."""
+    """Crash-and-restart drill on a scratch state dir; exits 1 on any violation.
+
+    With --fuzz, a fuzz drill instead: hostile input, then the figures (frames,
+    replies by code, crashes, hangs, RSS before, during and after).
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from makima.drill import DrillProgress, run_drill
 
     logs.configure(level="warning")
+    if fuzz_frames is not None:
+        fuzz_drill(
+            fuzz_frames, seed=seed, database_url=database_url, scratch=scratch, as_json=as_json
+        )
     settings = DrillSettings(
         agents=agents, kills=kills, seed=seed, database_url=database_url, scratch=scratch
     )
@@ -676,4 +711,78 @@ def drill(
         )
         if not report.ok:
             out.print(f"files kept in {report.scratch}", markup=False)
+    sys.exit(0 if report.ok else EXIT_FAILURE)
+
+
+def fuzz_drill(
+    frames: int, *, seed: int | None, database_url: str | None, scratch: Path | None, as_json: bool
+) -> NoReturn:
+    """``makima drill --fuzz``: run makima.fuzz against a scratch daemon, print the figures."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from makima.fuzz import FuzzReport, mib, run_fuzz_drill
+
+    settings = FuzzSettings(frames=frames, seed=seed)
+    progress = Progress(
+        TextColumn("[bold]fuzz[/bold]"),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+        disable=as_json,
+    )
+    task = progress.add_task("starting", total=frames)
+
+    def show(report: FuzzReport) -> None:
+        progress.update(
+            task,
+            completed=report.frames,
+            description=(
+                f"{report.frames}/{frames} frames · {report.agent_lines} agent lines · "
+                f"{report.crashes} crashes · {report.hangs} hangs"
+            ),
+        )
+
+    async def main() -> FuzzReport:
+        return await run_fuzz_drill(
+            settings, database_url=database_url, scratch=scratch, progress=show
+        )
+
+    try:
+        with progress:
+            report = eventloop.run(main)
+    except MakimaError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report.to_json())
+        sys.exit(0 if report.ok else EXIT_FAILURE)
+
+    figures = Table("figure", "value", title="makima drill --fuzz")
+    figures.add_row("control frames", str(report.frames))
+    for name, count in sorted(report.replies.items()):
+        figures.add_row(f"  replies: {name}", str(count))
+    figures.add_row("agent lines", str(report.agent_lines))
+    for name, count in sorted(report.agent_replies.items()):
+        figures.add_row(f"  replies: {name}", str(count))
+    figures.add_row("crashes", str(report.crashes))
+    figures.add_row("hangs", str(report.hangs))
+    figures.add_row(
+        "RSS before / max during / after",
+        " / ".join(mib(v) for v in (report.rss_before, report.rss_max, report.rss_after)),
+    )
+    out.print(figures)
+    checks = Table("check", "result", "detail", title="checks")
+    for c in report.checks():
+        checks.add_row(
+            cell(c.name), Text("ok", "green") if c.ok else Text("VIOLATED", "red"), cell(c.detail)
+        )
+    out.print(checks)
+    out.print(f"{report.frames} frames in {report.seconds:.0f}s (seed {report.seed})")
+    if not report.ok:
+        for name, examples in report.problems.items():
+            out.print(f"{name}:", markup=False)
+            for example in examples:
+                out.print(f"  {example}", markup=False, highlight=False)
+        out.print(f"files kept in {report.scratch}", markup=False)
     sys.exit(0 if report.ok else EXIT_FAILURE)

@@ -148,10 +148,26 @@ class DaemonRunner:
                 stderr=log,
                 env=env,
             )
-        try:
-            await self.notify.wait_for("READY=1")
-        except TimeoutError:
-            raise DrillError(f"the daemon did not become ready; see {self.log_path}") from None
+        await self._until_ready(self.process, self.notify)
+
+    async def _until_ready(self, process: anyio.abc.Process, notify: NotifyListener) -> None:
+        """READY=1; a daemon that exits first (or is silent too long) is a DrillError at once."""
+        ready = False
+        async with anyio.create_task_group() as tg:
+
+            async def exited() -> None:
+                await process.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(exited)
+            with anyio.move_on_after(READY_TIMEOUT):
+                await notify.wait_for("READY=1", limit=math.inf)
+                ready = True
+            tg.cancel_scope.cancel()
+        if not ready:
+            how = "did not become ready" if process.returncode is None else "exited"
+            status = "" if process.returncode is None else f" (status {process.returncode})"
+            raise DrillError(f"the daemon {how}{status}; see {self.log_path}")
 
     async def wait(self, limit: float = 60.0) -> int:
         assert self.process is not None
