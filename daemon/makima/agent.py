@@ -40,6 +40,8 @@ from makima.model import (
 log = structlog.get_logger("makima.agent")
 
 PROTOCOL_VERSION = 1
+REF_LIMIT = 256
+"""The longest ``ref`` a reply echoes, in characters."""
 
 
 class AgentMessageType(enum.StrEnum):
@@ -160,6 +162,10 @@ class Envelope:
     ref: Ref = None
 
 
+class LineTooLongError(MakimaError):
+    """A line for the agent would exceed the protocol's limit; it was not sent."""
+
+
 class AgentProtocolError(MakimaError):
     """An agent line that cannot be applied; answered with an ``error`` reply."""
 
@@ -237,9 +243,8 @@ def parse_agent_line(line: bytes) -> Envelope:
         obj = load_json_line(line)
     except ValueError as exc:
         # Answer with its ref when a shallow scan can read it (deep nesting, say).
-        raise AgentProtocolError(
-            ErrorCode.MALFORMED, str(exc), top_level_member(line, "ref")
-        ) from None
+        found = top_level_member(line, "ref")
+        raise AgentProtocolError(ErrorCode.MALFORMED, str(exc), _echoable(found)) from None
     if not isinstance(obj, dict):
         raise AgentProtocolError(
             ErrorCode.MALFORMED, f"a message must be a JSON object; got {type(obj).__name__}"
@@ -249,6 +254,10 @@ def parse_agent_line(line: bytes) -> Envelope:
         raise AgentProtocolError(
             ErrorCode.INVALID, f"ref must be a string or an integer; got {brief(ref)}"
         )
+    if _echoable(ref) != ref:
+        raise AgentProtocolError(
+            ErrorCode.INVALID, f"ref is too long to echo; at most {REF_LIMIT} characters"
+        )
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise AgentProtocolError(ErrorCode.INVALID, "a message needs a string 'type'", ref)
@@ -257,7 +266,9 @@ def parse_agent_line(line: bytes) -> Envelope:
     except ValueError:
         known = ", ".join(t.value for t in AgentMessageType)
         raise AgentProtocolError(
-            ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected one of {known}", ref
+            ErrorCode.UNKNOWN_TYPE,
+            f"unknown message type {brief(kind)}; expected one of {known}",
+            ref,
         ) from None
     if (problem := unstorable(obj)) is not None:
         raise AgentProtocolError(ErrorCode.INVALID, problem, ref)
@@ -265,6 +276,15 @@ def parse_agent_line(line: bytes) -> Envelope:
         return Envelope(_parse_body(message_type, obj), ref)
     except InvalidValueError as exc:
         raise AgentProtocolError(ErrorCode.INVALID, str(exc), ref) from None
+
+
+def _echoable(ref: Ref) -> Ref:
+    """``ref`` if replies may echo it (short enough), else None."""
+    if isinstance(ref, str) and len(ref) > REF_LIMIT:
+        return None
+    if isinstance(ref, int) and abs(ref).bit_length() > 4 * REF_LIMIT:
+        return None
+    return ref
 
 
 # --------------------------------------------------------------------------- daemon → agent
@@ -384,7 +404,7 @@ class AgentProcess:
             return False
         line = encode(message)
         if len(line) > MAX_LINE + 1:
-            raise MakimaError(
+            raise LineTooLongError(
                 f"a {message.get('type')!r} line for the agent is {len(line) - 1} bytes; "
                 f"the limit is {MAX_LINE}"
             )

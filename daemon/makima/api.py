@@ -20,7 +20,7 @@ from makima.control.server import MethodNotFoundError, Peer, Reply, Stream
 from makima.database import Database, Pool
 from makima.errors import InvalidParamsError, InvalidValueError, NotFoundError
 from makima.events import EventBus, EventKind
-from makima.limits import GOAL_LIMIT, HISTORY_LIMIT, MAX_SEQ, NAME_LIMIT, fit_newest
+from makima.limits import ANSWER_LIMIT, GOAL_LIMIT, HISTORY_LIMIT, MAX_SEQ, NAME_LIMIT, fit_newest
 from makima.model import (
     QuestionRecord,
     RestorationInfo,
@@ -317,6 +317,10 @@ class ControlApi:
         _only(params, {"question_id", "answer"})
         question_id = _uuid(params, "question_id")
         text = _require(params, "answer")
+        if isinstance(text, str) and len(text.encode()) > ANSWER_LIMIT:
+            raise InvalidParamsError(
+                f"parameter 'answer' is {len(text.encode())} bytes; the limit is {ANSWER_LIMIT}"
+            )
         if not isinstance(text, str) or not text.strip():
             raise InvalidParamsError(
                 f"parameter 'answer' must be a non-empty string; got {brief(text)}"

@@ -67,7 +67,9 @@ def unstorable(value: Any) -> str | None:
     return None
 
 
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
+# A string token runs to its closing quote or, unterminated, to the end of the line:
+# possessive and always matching, so the scan stays linear on any input.
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)|[{}\[\]:,]', re.DOTALL)
 
 
 def top_level_member(line: bytes, key: str) -> str | int | None:

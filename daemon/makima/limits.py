@@ -26,6 +26,12 @@ QUESTION_LIMIT = 64 * KIB
 """The largest question (text, choices and context), encoded."""
 OPEN_QUESTIONS_LIMIT = 256 * KIB
 """All of a supervisor's open questions together, encoded."""
+TEXT_LIMIT = 16 * KIB
+"""The largest phase name or activity text, encoded."""
+REASON_LIMIT = 64 * KIB
+"""The largest ``blocked`` reason or ``fail`` error, encoded."""
+ANSWER_LIMIT = 64 * KIB
+"""The largest answer a person may give, in bytes."""
 GOAL_LIMIT = 64 * KIB
 """The largest goal, in bytes."""
 NAME_LIMIT = 200

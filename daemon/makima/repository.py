@@ -174,6 +174,18 @@ async def get_specs_without_state(db: Db) -> list[SupervisorSpec]:
     return [SupervisorSpec.from_row(r) for r in rows]
 
 
+async def get_unfinished_supervisor_ids(db: Db) -> list[uuid.UUID]:
+    """Every supervisor restoration would consider, without reading its rows: an
+    unfinished state, or a spec without a state row."""
+    rows = await db.fetch(
+        "SELECT sp.supervisor_id FROM supervisors sp "
+        "LEFT JOIN supervisor_states st ON st.supervisor_id = sp.supervisor_id "
+        "WHERE st.supervisor_id IS NULL OR (st.state IS DISTINCT FROM 'completed' "
+        "AND st.state IS DISTINCT FROM 'failed') ORDER BY sp.created_at, sp.supervisor_id"
+    )
+    return [r["supervisor_id"] for r in rows]
+
+
 async def count_supervisors_by_state(db: Db) -> dict[SupervisorStateEnum, int]:
     rows = await db.fetch("SELECT state, count(*) AS n FROM supervisor_states GROUP BY state")
     return {SupervisorStateEnum(r["state"]): int(r["n"]) for r in rows}

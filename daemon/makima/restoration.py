@@ -37,10 +37,10 @@ import structlog
 from makima import repository as repo
 from makima.config import TaskRestartPolicy
 from makima.database import Database, Pool, told_of_retries
-from makima.errors import InvalidValueError, NotFoundError
+from makima.errors import InvalidValueError, MakimaError, NotFoundError
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
-from makima.limits import LINE_BUDGET, encoded_size
+from makima.limits import LINE_BUDGET, TEXT_LIMIT, encoded_size
 from makima.model import (
     PendingQuestion,
     QuestionRecord,
@@ -179,6 +179,45 @@ async def load(
             )
         )
     return loaded
+
+
+async def load_guarded(
+    restorer: Restorer, supervisor_ids: Sequence[uuid.UUID] | None = None
+) -> tuple[list[LoadedSupervisor], list[tuple[uuid.UUID, str]]]:
+    """:func:`load`, with the crash boundary: when a row cannot be read, the load
+    goes one supervisor at a time, and those whose rows cannot be read come back
+    apart, with why (they are then marked failed)."""
+    try:
+        return await load(restorer, supervisor_ids), []
+    except InvalidValueError as exc:
+        log.warning("restoration.bulk_load_failed", error=str(exc))
+    ids = supervisor_ids
+    if ids is None:
+        ids = await restorer.db.save(repo.get_unfinished_supervisor_ids, "restore_load")
+    loaded: list[LoadedSupervisor] = []
+    unreadable: list[tuple[uuid.UUID, str]] = []
+    for sid in ids:
+        try:
+            loaded.extend(await load(restorer, [sid]))
+        except InvalidValueError as exc:
+            log.exception(
+                "supervisor.crashed", supervisor_id=str(sid), during="loading", error=str(exc)
+            )
+            unreadable.append((sid, f"its saved rows cannot be read: {exc}"))
+    return loaded, unreadable
+
+
+async def fail_unreadable(restorer: Restorer, supervisor_id: uuid.UUID, reason: str) -> None:
+    """Mark failed a supervisor whose rows cannot be read (its state row is rewritten)."""
+    state = dataclasses.replace(
+        fresh_state(supervisor_id, None), state=S.FAILED, error_message=reason
+    )
+    try:
+        await _save_state(restorer.db, state)
+    except MakimaError as exc:
+        log.warning(
+            "restoration.failed_state_not_saved", supervisor_id=str(supervisor_id), error=str(exc)
+        )
 
 
 # ------------------------------------------------------------ deciding and writing (3-8)
@@ -457,6 +496,14 @@ def fit_restoration(context: SupervisorRestorationContext, budget: int) -> Start
         "tasks": [],
         "tasks_omitted": 0,
     }
+    if encoded_size(payload) > budget:
+        # Saved before the limits (makima.limits) existed: cut what can be cut.
+        for key in ("phase", "current_activity"):
+            if isinstance(payload[key], str):
+                payload[key] = _cut_text(payload[key], TEXT_LIMIT)
+        if encoded_size(payload) > budget:
+            payload["checkpoint"] = None
+            payload["checkpoint_omitted"] = True
     left = budget - encoded_size(payload)
     inline: list[QuestionRecord] = []
     after: list[QuestionRecord] = []
@@ -579,7 +626,9 @@ async def restore_all(restorer: Restorer) -> tuple[dict[str, Any], list[Plan]]:
     """Startup: restore every unfinished supervisor. Returns the startup report and
     the plans whose agents are to be launched. A supervisor whose restoration raises
     is reported failed; it never stops the others."""
-    loaded = await load(restorer)
+    loaded, unreadable = await load_guarded(restorer)
+    for sid, reason in unreadable:
+        await fail_unreadable(restorer, sid, reason)
     plans = [
         await plan_guarded(restorer, item, RestorationSource.DAEMON_RESTART) for item in loaded
     ]
@@ -603,6 +652,10 @@ async def restore_all(restorer: Restorer) -> tuple[dict[str, Any], list[Plan]]:
             pending_questions=len(p.state.pending_questions),
             undelivered_answers=len(p.undelivered),
         )
+    for sid, reason in unreadable:
+        report[Outcome.FAILED.value].append(
+            {"supervisor_id": str(sid), "name": None, "state": S.FAILED.value, "issues": [reason]}
+        )
     report["counts"] = {o.value: len(report[o.value]) for o in Outcome}
     log.info("restoration.startup_report", **report["counts"])
     return report, [p for p in plans if p.launches]
@@ -613,7 +666,10 @@ async def restore_one(
 ) -> Plan:
     """Run steps 2 to 8 and write step 10 for one supervisor (resume, agent restart).
     A plan that raises is written as failed, and does not launch."""
-    loaded = await load(restorer, [supervisor_id])
+    loaded, unreadable = await load_guarded(restorer, [supervisor_id])
+    for sid, reason in unreadable:
+        await fail_unreadable(restorer, sid, reason)
+        raise NotFoundError(f"supervisor {sid} cannot be restored: {reason}")
     if not loaded:
         raise NotFoundError(f"supervisor {supervisor_id} has nothing to restore")
     p = await plan_guarded(restorer, loaded[0], source)

@@ -34,6 +34,7 @@ from makima.agent import (
     ErrorCode,
     Fail,
     History,
+    LineTooLongError,
     Message,
     Phase,
     Spawn,
@@ -55,6 +56,8 @@ from makima.limits import (
     MESSAGE_LIMIT,
     OPEN_QUESTIONS_LIMIT,
     QUESTION_LIMIT,
+    REASON_LIMIT,
+    TEXT_LIMIT,
     encoded_size,
     fit_newest,
     too_large,
@@ -433,8 +436,15 @@ class Supervisor:
     # ----------------------------------------------------------------- agent messages
 
     async def _reply(self, message: Mapping[str, Any]) -> None:
-        if self.agent is not None:
-            await self.agent.send(message)
+        agent = self.agent
+        if agent is None:
+            return
+        try:
+            await agent.send(message)
+        except LineTooLongError as exc:  # a reply never costs the agent its supervisor
+            log.warning("agent.reply_too_long", supervisor_id=str(self.id), error=str(exc))
+            if message.get("type") in ("ack", "error"):
+                await agent.send(error_reply(message.get("ref"), ErrorCode.TOO_LARGE, str(exc)))
 
     async def _handle(self, item: Envelope | AgentProtocolError) -> None:
         if isinstance(item, AgentProtocolError):
@@ -475,8 +485,10 @@ class Supervisor:
         light change (activity) is saved before it."""
         match message:
             case Activity(text=text, progress=progress):
+                _fits("an activity's text", text, TEXT_LIMIT)
                 return await self._on_activity(text, progress, durable=durable), None
             case Phase(phase=phase):
+                _fits("a phase", phase, TEXT_LIMIT)
                 return await self._on_phase(phase), None
             case Message(role=role, content=content):
                 _fits("a message", {"role": role, "content": content}, MESSAGE_LIMIT)
@@ -494,6 +506,7 @@ class Supervisor:
             case WaitTasks():
                 return await self._on_wait_tasks()
             case Blocked(reason=reason):
+                _fits("a blocked reason", reason, REASON_LIMIT)
                 await self._change(Event.BLOCKED, error_message=reason)
                 return {}, None
             case Done(result=result):
@@ -503,6 +516,7 @@ class Supervisor:
                 log.info("supervisor.completed", supervisor_id=str(self.id), result=result)
                 return {}, self._finish
             case Fail(error=error):
+                _fits("a fail error", error, REASON_LIMIT)
                 await self._change(Event.FAIL, error_message=error)
                 return {}, self._finish
             case History(before=before, limit=limit):

@@ -269,3 +269,38 @@ async def test_a_restored_state_the_database_refuses_fails_that_supervisor_only(
             body = await client.call("supervisor.get", {"supervisor_id": victim})
             assert body["state"] == "failed"
         second.request_shutdown()
+
+
+async def test_a_row_that_cannot_be_read_fails_its_supervisor_only(
+    db_params: ConnectParams, short_tmp: Path, relay: Relay
+) -> None:
+    """A spec with an empty name (what an older schema's upgrade leaves) made the
+    bulk load raise, and the daemon never became ready."""
+    pool = await create_pool(db_params, min_size=1, max_size=1)
+    try:
+        healthy = SupervisorSpec(uuid.uuid4(), "healthy", tuple(relay.command))
+        await repo.create_supervisor(pool, healthy)
+        broken = uuid.uuid4()
+        await pool.execute(
+            "INSERT INTO supervisors (supervisor_id, name, goal, agent_command) "
+            "VALUES ($1, '', '', $2)",
+            broken,
+            relay.command,
+        )
+        await pool.execute(
+            "INSERT INTO supervisor_states (supervisor_id, state) VALUES ($1, 'working')", broken
+        )
+    finally:
+        await pool.close()
+    daemon = Daemon(daemon_config(db_params, short_tmp), handle_signals=False)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(DEADLINE):
+            await tg.start(daemon.run)
+        report = daemon.startup_report
+        assert report is not None
+        assert [e["supervisor_id"] for e in report["failed"]] == [str(broken)]
+        assert "cannot be read" in report["failed"][0]["issues"][0]
+        assert [e["supervisor_id"] for e in report["restored"]] == [str(healthy.supervisor_id)]
+        agent = await relay.accept()
+        assert (await agent.expect("start"))["supervisor_id"] == str(healthy.supervisor_id)
+        daemon.request_shutdown()

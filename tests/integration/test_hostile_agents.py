@@ -221,3 +221,34 @@ async def test_hello_and_status_refuse_unknown_params(
     with pytest.raises(RemoteError) as refused:
         await client.call(method, {"verbose": True})
     assert refused.value.code == -32602 and "verbose" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("message", "what"),
+    [
+        ({"type": "phase", "phase": "p" * 20_000}, "a phase"),
+        ({"type": "activity", "text": "a" * 20_000}, "an activity's text"),
+        ({"type": "blocked", "reason": "b" * 70_000}, "a blocked reason"),
+        ({"type": "fail", "error": "f" * 70_000}, "a fail error"),
+    ],
+)
+async def test_texts_sent_back_whole_are_bounded(
+    daemon: Daemon, client: ControlClient, relay: Relay, message: dict[str, object], what: str
+) -> None:
+    """Phase and activity go back whole in the start line, reasons in every event."""
+    _, agent = await start_agent(client, relay)
+    reply = await agent.request(message)
+    assert reply["type"] == "error" and reply["code"] == "too_large"
+    assert reply["message"].startswith(what)
+
+
+async def test_an_answer_over_the_limit_is_invalid_params(
+    daemon: Daemon, client: ControlClient, relay: Relay
+) -> None:
+    _, agent = await start_agent(client, relay)
+    asked = await agent.request({"type": "ask", "question": "q?"})
+    with pytest.raises(RemoteError) as refused:
+        await client.call(
+            "question.answer", {"question_id": asked["question_id"], "answer": "x" * 70_000}
+        )
+    assert refused.value.code == -32602 and "the limit is 65536" in refused.value.message

@@ -231,3 +231,23 @@ def test_a_message_without_content_is_invalid() -> None:
     with pytest.raises(AgentProtocolError) as refused:
         parse_agent_line(b'{"type":"message","role":"r","content":null,"ref":1}')
     assert refused.value.code is ErrorCode.INVALID and refused.value.ref == 1
+
+
+def test_the_ref_scan_is_linear_on_unterminated_escaped_quotes() -> None:
+    """A scan that retried every escaped quote took hours on a 1 MiB line, with the
+    event loop (every supervisor) blocked; the suite's timeout fails it."""
+    line = b'{"ref":"r","x":"' + b'\\"' * 500_000
+    assert top_level_member(line, "ref") == "r"
+    assert top_level_member(b'"' + b'\\"' * 500_000, "ref") is None
+
+
+def test_a_long_ref_is_not_echoed() -> None:
+    with pytest.raises(AgentProtocolError) as refused:
+        parse_agent_line(b'{"type":"activity","text":"x","ref":"' + b"r" * 300 + b'"}')
+    assert refused.value.ref is None and "ref is too long" in str(refused.value)
+    with pytest.raises(AgentProtocolError) as malformed:
+        parse_agent_line(b'{"ref":"' + b"r" * 300 + b'", "type": [')
+    assert malformed.value.ref is None
+    with pytest.raises(AgentProtocolError) as unknown:
+        parse_agent_line(b'{"type":"' + b"t" * 100_000 + b'","ref":1}')
+    assert unknown.value.ref == 1 and len(str(unknown.value)) < 400
