@@ -123,6 +123,7 @@ class Daemon:
         self._restorer: Restorer | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._shutdown = anyio.Event()
+        self._resuming: set[uuid.UUID] = set()  # resumes of supervisors with no runner
         self._server = ControlServer(ControlApi(self), max_connections=config.max_connections)
 
     @property
@@ -179,6 +180,8 @@ class Daemon:
             )
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
+                if self.db.is_embedded:  # a server dying while restoring is restarted too
+                    tg.start_soon(self.db.supervise)
                 self.notifier.status("restoring supervisors")
                 await self.restore_on_startup()
                 listener = (
@@ -189,8 +192,6 @@ class Daemon:
                 server_scope = anyio.CancelScope()
                 tg.start_soon(self._serve, listener, server_scope)
                 tg.start_soon(self._heartbeat_loop)
-                if self.db.is_embedded:
-                    tg.start_soon(self.db.supervise)
                 interval = watchdog_interval()
                 if interval is not None:
                     tg.start_soon(self._watchdog_loop, interval)
@@ -319,13 +320,13 @@ class Daemon:
     def launch_plan(self, plan: Plan) -> Runner:
         supervisor = self.new_supervisor(plan.loaded.spec, plan.state)
         payload = start_payload(plan)
+        supervisor.reset(plan.state, payload.given)
         return self.launch(
             supervisor, payload.restoration, after_start(self.restorer, supervisor, plan, payload)
         )
 
     def _runner_ended(self, runner: Runner) -> None:
-        over = runner.supervisor.state.state.is_terminal or self._shutdown.is_set()
-        if over and self.runners.get(runner.id) is runner:
+        if self.runners.get(runner.id) is runner:  # its loop is over, whatever the state
             del self.runners[runner.id]
 
     def new_supervisor(self, spec: SupervisorSpec, state: Any) -> Supervisor:
@@ -430,7 +431,13 @@ class Daemon:
         runner = self.runners.get(supervisor_id)
         if runner is not None:
             return await runner.resume()
-        plan = await restore_one(self.restorer, supervisor_id, RestorationSource.MANUAL)
-        if plan.launches:
-            self.launch_plan(plan)
+        if supervisor_id in self._resuming:  # two resumes must not start two agents
+            raise ConflictError(f"supervisor {supervisor_id} is being resumed already")
+        self._resuming.add(supervisor_id)
+        try:
+            plan = await restore_one(self.restorer, supervisor_id, RestorationSource.MANUAL)
+            if plan.launches:
+                self.launch_plan(plan)
+        finally:
+            self._resuming.discard(supervisor_id)
         return info(plan)

@@ -103,7 +103,7 @@ def parse_enum(kind: type[E], value: object, what: str) -> E:
         except ValueError:
             pass
     allowed = ", ".join(member.value for member in kind)
-    raise InvalidValueError(f"{what} must be one of {allowed}; got {value!r}")
+    raise InvalidValueError(f"{what} must be one of {allowed}; got {brief(value)}")
 
 
 def parse_uuid(value: object, what: str) -> uuid.UUID:
@@ -114,17 +114,17 @@ def parse_uuid(value: object, what: str) -> uuid.UUID:
             return uuid.UUID(value)
         except ValueError:
             pass
-    raise InvalidValueError(f"{what} must be a UUID string; got {value!r}")
+    raise InvalidValueError(f"{what} must be a UUID string; got {brief(value)}")
 
 
 def parse_progress(value: object, what: str = "progress") -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidValueError(f"{what} must be an integer from 0 to 100; got {value!r}")
+        raise InvalidValueError(f"{what} must be an integer from 0 to 100; got {brief(value)}")
     if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
-        raise InvalidValueError(f"{what} must be an integer from 0 to 100; got {value!r}")
+        raise InvalidValueError(f"{what} must be an integer from 0 to 100; got {brief(value)}")
     number = int(value)
     if not 0 <= number <= 100:
-        raise InvalidValueError(f"{what} must be an integer from 0 to 100; got {value!r}")
+        raise InvalidValueError(f"{what} must be an integer from 0 to 100; got {brief(value)}")
     return number
 
 
@@ -136,14 +136,14 @@ def parse_datetime(value: object, what: str) -> datetime:
             parsed = datetime.fromisoformat(value)
         except ValueError:
             raise InvalidValueError(
-                f"{what} must be an ISO 8601 timestamp with a time zone; got {value!r}"
+                f"{what} must be an ISO 8601 timestamp with a time zone; got {brief(value)}"
             ) from None
     else:
         raise InvalidValueError(
-            f"{what} must be an ISO 8601 timestamp with a time zone; got {value!r}"
+            f"{what} must be an ISO 8601 timestamp with a time zone; got {brief(value)}"
         )
     if parsed.tzinfo is None:
-        raise InvalidValueError(f"{what} must carry a time zone; got {value!r}")
+        raise InvalidValueError(f"{what} must carry a time zone; got {brief(value)}")
     return parsed
 
 
@@ -153,7 +153,7 @@ def parse_optional_datetime(value: object, what: str) -> datetime | None:
 
 def parse_text(value: object, what: str, *, allow_empty: bool = True) -> str:
     if not isinstance(value, str):
-        raise InvalidValueError(f"{what} must be a string; got {value!r}")
+        raise InvalidValueError(f"{what} must be a string; got {brief(value)}")
     if not allow_empty and not value.strip():
         raise InvalidValueError(f"{what} must not be empty")
     return value
@@ -261,7 +261,7 @@ class PendingQuestion:
         parse_text(self.question, "question", allow_empty=False)
         parse_string_list(self.choices, "choices")
         if len(set(self.choices)) != len(self.choices):
-            raise InvalidValueError(f"choices must be distinct; got {list(self.choices)!r}")
+            raise InvalidValueError(f"choices must be distinct; got {brief(list(self.choices))}")
         parse_optional_text(self.context, "context")
         parse_datetime(self.asked_at, "asked_at")
 
@@ -277,7 +277,7 @@ class PendingQuestion:
     @classmethod
     def from_json(cls, obj: object) -> PendingQuestion:
         if not isinstance(obj, Mapping):
-            raise InvalidValueError(f"a pending question must be a JSON object; got {obj!r}")
+            raise InvalidValueError(f"a pending question must be a JSON object; got {brief(obj)}")
         expected = {"id", "question", "choices", "context", "asked_at"}
         missing = expected - obj.keys()
         if missing:
@@ -305,10 +305,10 @@ def check_answer(answer: object, choices: Sequence[str]) -> str:
     :class:`~makima.errors.InvalidAnswerError` when it is not one of the choices.
     """
     if not isinstance(answer, str) or not answer.strip():
-        raise InvalidValueError(f"answer must be a non-empty string; got {answer!r}")
+        raise InvalidValueError(f"answer must be a non-empty string; got {brief(answer)}")
     if choices and answer not in choices:
         raise InvalidAnswerError(
-            f"answer {answer!r} is not one of the choices: {', '.join(choices)}",
+            f"answer {brief(answer)} is not one of the choices: {', '.join(choices)}",
             tuple(choices),
         )
     return answer
@@ -495,7 +495,7 @@ class SupervisorState:
         for question in self.pending_questions:
             if not isinstance(question, PendingQuestion):
                 raise InvalidValueError(
-                    f"pending_questions must hold PendingQuestion; got {question!r}"
+                    f"pending_questions must hold PendingQuestion; got {brief(question)}"
                 )
         parse_int(self.restoration_count, "restoration_count", minimum=0)
         if self.restoration_source is not None:
@@ -513,7 +513,7 @@ class SupervisorState:
             raw_questions = []
         if not isinstance(raw_questions, list):
             raise InvalidValueError(
-                f"pending_questions must be a JSON array; got {raw_questions!r}"
+                f"pending_questions must be a JSON array; got {brief(raw_questions)}"
             )
         source = row["restoration_source"]
         owner = row["owner_daemon_id"]
@@ -572,7 +572,7 @@ class SupervisorState:
     def from_json(cls, obj: object) -> SupervisorState:
         """Inverse of :meth:`to_json` (used for checkpoint snapshots)."""
         if not isinstance(obj, Mapping):
-            raise InvalidValueError(f"a supervisor state must be a JSON object; got {obj!r}")
+            raise InvalidValueError(f"a supervisor state must be a JSON object; got {brief(obj)}")
         try:
             return cls.from_row(obj)
         except KeyError as exc:

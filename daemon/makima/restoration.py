@@ -447,6 +447,11 @@ class StartPayload:
     answers_inline: tuple[QuestionRecord, ...] = ()
     answers_after: tuple[QuestionRecord, ...] = ()
 
+    @property
+    def given(self) -> tuple[uuid.UUID, ...]:
+        """The answers the ``start`` line itself carries."""
+        return tuple(q.question_id for q in self.answers_inline)
+
 
 def start_payload(p: Plan, budget: int = LINE_BUDGET) -> StartPayload:
     """The ``restoration`` object of the agent's ``start`` message (step 9), fitted

@@ -104,6 +104,7 @@ class Runner:
         self._on_exit = on_exit
         self._wake: anyio.Event | None = None
         self._resume: _Waiter | None = None
+        self._restoring = False
 
     @property
     def id(self) -> uuid.UUID:
@@ -114,8 +115,8 @@ class Runner:
     async def run(self, restoration: Mapping[str, Any] | None, after: AfterStart) -> None:
         try:
             await self._loop(restoration, after)
-        except Exception as exc:  # noqa: BLE001 - the crash boundary
-            await self.crash(exc, "running its agent")
+        except* Exception as group:  # noqa: BLE001 - the crash boundary (a cancellation
+            await self.crash(group, "running its agent")  # that came with it goes on)
         finally:
             self._on_exit(self)
             if self._resume is not None:
@@ -157,16 +158,20 @@ class Runner:
                     else RestorationSource.AGENT_RESTART
                 )
             # Answers and cancels wait while the state is read and rewritten.
-            async with supervisor.exclusive():
-                plan = await restore_one(self.restorer, self.id, source)
-                supervisor.reset(plan.state)
+            self._restoring = True
+            try:
+                async with supervisor.exclusive():
+                    plan = await restore_one(self.restorer, self.id, source)
+                    payload = start_payload(plan)
+                    supervisor.reset(plan.state, payload.given)
+            finally:
+                self._restoring = False
             waiter, self._resume = self._resume, None
             if waiter is not None:
                 waiter.result = info(plan)
                 waiter.done.set()
             if not plan.launches:
                 return
-            payload = start_payload(plan)
             restoration = payload.restoration
             after = after_start(self.restorer, supervisor, plan, payload)
 
@@ -177,11 +182,15 @@ class Runner:
         waiter = self._resume = _Waiter()
         if self._wake is not None:
             self._wake.set()  # it was waiting to restart its agent: go now
-        else:
-            await self.call(
-                "resuming it",
-                lambda: self.supervisor.stop(StopReason.RESTART, "resumed by a person"),
-            )
+        elif not self._restoring:  # (restoring now: that restoration answers this one)
+            try:
+                await self.call(
+                    "resuming it",
+                    lambda: self.supervisor.stop(StopReason.RESTART, "resumed by a person"),
+                )
+            except BaseException:
+                self._resume = None
+                raise
         await waiter.done.wait()
         if waiter.result is None:
             raise ConflictError(f"supervisor {self.id} finished before it could be resumed")

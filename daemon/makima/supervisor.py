@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import enum
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -167,9 +167,12 @@ class Supervisor:
         # Answers given while no started agent could take them (between a
         # restoration and the agent's start message): sent right after it.
         self._held_answers: dict[uuid.UUID, QuestionRecord] = {}
+        # Answers this run's agent has (in its start line, or sent): each goes once.
+        self._given: set[uuid.UUID] = set()
         self._started = False
         self._finished_at: float | None = None  # when done or fail was acknowledged
         self._last_line_at = 0.0
+        self._handling = False
         self.stopped = anyio.Event()
 
     @property
@@ -268,14 +271,16 @@ class Supervisor:
         async with self._lock:
             yield
 
-    def reset(self, state: SupervisorState) -> None:
+    def reset(self, state: SupervisorState, given: Iterable[uuid.UUID] = ()) -> None:
         """Take a restored state before the next run (inside :meth:`exclusive`).
 
-        The restoration read every answer committed so far, so none is held back.
+        The restoration read every answer committed so far, so none is held back;
+        ``given``: the answers its ``start`` line carries, never to be sent again.
         """
         self.state = state
         self._saves += 1  # a beat taken before this must not teach an older version
         self._held_answers.clear()
+        self._given = set(given)
 
     async def run(
         self,
@@ -325,8 +330,12 @@ class Supervisor:
                     self._started = True
                     await self._send_held_answers()
                     async for item in agent.lines():
-                        await self._handle(item)
-                        self._last_line_at = anyio.current_time()
+                        self._handling = True  # a finished agent's stdin stays open meanwhile
+                        try:
+                            await self._handle(item)
+                        finally:
+                            self._handling = False
+                            self._last_line_at = anyio.current_time()
                     exit_code = await self._await_exit(agent)
                 # The agent is gone: what it left running is stopped.
                 tg.cancel_scope.cancel()
@@ -368,12 +377,22 @@ class Supervisor:
         """Stop on purpose: save the state first, then tell and stop the agent (killed
         after the grace period, whatever its pipe does). False when the supervisor
         had already finished (its agent's done or fail came first)."""
-        self._stop_reason = reason
+        self._stop_reason = reason  # before the lock: a starting agent sees it at once
         async with self._lock:
             unfinished = self.state.state.is_unfinished
+            if not unfinished and reason is not StopReason.SHUTDOWN:
+                # It finished first: its agent keeps its last moments to hear replies.
+                if self._stop_reason is reason:
+                    self._stop_reason = None
+                return False
             if unfinished and reason is not StopReason.RESTART:
                 event = Event.INTERRUPT if reason is StopReason.SHUTDOWN else Event.CANCEL
-                await self._change(event, error_message=detail)
+                try:
+                    await self._change(event, error_message=detail)
+                except BaseException:
+                    if self._stop_reason is reason:  # not stopped: its agent runs on
+                        self._stop_reason = None
+                    raise
         agent = self.agent
         if agent is not None:
             await agent.stop(self.grace, farewell=cancel_message(detail))
@@ -384,30 +403,36 @@ class Supervisor:
         agent and its tasks. Any state may fail this way (no transition check)."""
         self._stop_reason = StopReason.CRASH
         with anyio.CancelScope(shield=True):
-            async with self._lock:
-                old = self.state
-                if old.state.is_unfinished:
-                    new = dataclasses.replace(
-                        old, state=SupervisorStateEnum.FAILED, error_message=reason
-                    )
-                    self.state = new  # in memory first: whatever the database says next
-                    version = await self.db.save(
-                        lambda pool: repo.update_supervisor_detailed_state(
-                            pool, self.id, new.state, new.current_activity, new.progress, reason
-                        ),
-                        "crash",
-                    )
-                    if version is not None:
-                        self.state = dataclasses.replace(new, version=version)
-                    self._announce_state(old.state)
-                for scope in self._running_tasks.values():
-                    scope.cancel()
-                await self.db.save(
-                    lambda pool: repo.cancel_unfinished_tasks(pool, self.id), "crash_tasks"
-                )
+            # Saved if the database lets it within the bound, else the next
+            # restoration finds the row as it was; the agent is stopped either way.
+            with anyio.move_on_after(self.grace * 2 + 10.0):
+                await self._save_crash(reason)
             agent = self.agent
             if agent is not None:
                 await agent.stop(self.grace, farewell=cancel_message(reason))
+
+    async def _save_crash(self, reason: str) -> None:
+        async with self._lock:
+            old = self.state
+            if old.state.is_unfinished:
+                new = dataclasses.replace(
+                    old, state=SupervisorStateEnum.FAILED, error_message=reason
+                )
+                self.state = new  # in memory first: whatever the database says next
+                version = await self.db.save(
+                    lambda pool: repo.update_supervisor_detailed_state(
+                        pool, self.id, new.state, new.current_activity, new.progress, reason
+                    ),
+                    "crash",
+                )
+                if version is not None:
+                    self.state = dataclasses.replace(new, version=version)
+                self._announce_state(old.state)
+            for scope in self._running_tasks.values():
+                scope.cancel()
+            await self.db.save(
+                lambda pool: repo.cancel_unfinished_tasks(pool, self.id), "crash_tasks"
+            )
 
     async def _send_held_answers(self) -> None:
         held = list(self._held_answers.values())
@@ -674,8 +699,8 @@ class Supervisor:
         last_call = self._finished_at + self.grace
         while (now := anyio.current_time()) < (  # noqa: ASYNC110 - the deadline moves
             until := min(self._last_line_at + self.finish_linger, last_call)
-        ):
-            await anyio.sleep(until - now)
+        ) or (self._handling and now < last_call):
+            await anyio.sleep(max(until - now, self.finish_linger / 4))
         await agent.close_stdin()
 
     # ----------------------------------------------------------------- tasks
@@ -786,12 +811,15 @@ class Supervisor:
         With no started agent, the answer waits for the next one: held here
         until its start message is out, or read back by the next restoration.
         """
-        if record.answer is None or record.delivered_at is not None:
+        qid = record.question_id
+        if record.answer is None or record.delivered_at is not None or qid in self._given:
             return False
         if self.agent is None or not self._started:
-            self._held_answers[record.question_id] = record
+            self._held_answers[qid] = record
             return False
-        if not await self.agent.send(answer_message(str(record.question_id), record.answer)):
+        self._given.add(qid)  # before the send: a second delivery racing this one stops here
+        if not await self.agent.send(answer_message(str(qid), record.answer)):
+            self._given.discard(qid)
             return False
         await self.db.save(
             lambda pool: repo.mark_answer_delivered(pool, record.question_id), "answer_delivered"

@@ -256,6 +256,8 @@ class ControlServer:
             self.connections += 1
             try:
                 await _Connection(self, stream, peer).run()
+            except* Exception:  # one connection's failure is its own
+                log.exception("control.connection_failed", pid=peer.pid, uid=peer.uid)
             finally:
                 self.connections -= 1
 
