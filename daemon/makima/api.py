@@ -65,6 +65,8 @@ class Daemon(Protocol):
 
 
 PROTOCOL = "makima-control/1"
+HISTORY_PAGE = 1000
+"""Messages ``supervisor.history`` reads when no ``limit`` is given."""
 
 Handler = Callable[[Peer, dict[str, Any]], Awaitable[Reply | Stream]]
 
@@ -298,11 +300,13 @@ class ControlApi:
         limit = _optional_limit(params, "limit", HISTORY_LIMIT)
         before = _optional_limit(params, "before", MAX_SEQ)
         await self._found(supervisor_id)
+        page = limit or HISTORY_PAGE  # one more than asked: are there older ones?
         messages = await self._query(
-            lambda pool: repo.get_supervisor_messages(pool, supervisor_id, limit, before=before)
+            lambda pool: repo.get_supervisor_messages(pool, supervisor_id, page + 1, before=before)
         )
         # The newest that fit one reply line; page back with "before": the oldest seq.
-        kept, more = fit_newest([m.to_json() for m in messages])
+        kept, cut = fit_newest([m.to_json() for m in messages[-page:]])
+        more = cut or len(messages) > page
         return Reply({"supervisor_id": str(supervisor_id), "messages": kept, "more": more})
 
     # ----------------------------------------------------------------- questions

@@ -421,27 +421,37 @@ def cancel(supervisor: str, socket_path: Path | None) -> None:
 @main.command()
 @click.argument("supervisor")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the last N messages.")
+@click.option(
+    "--before", type=click.IntRange(min=1), help="Only messages older than this seq (paging)."
+)
 @json_option
 @socket_option
-def history(supervisor: str, limit: int | None, as_json: bool, socket_path: Path | None) -> None:
-    """Show a supervisor's conversation history."""
+def history(
+    supervisor: str, limit: int | None, before: int | None, as_json: bool, socket_path: Path | None
+) -> None:
+    """Show a supervisor's conversation history (the newest that fit one reply)."""
 
     async def action(client: ControlClient) -> Any:
         sid = await resolve_id(client, supervisor, "supervisor")
         params: dict[str, Any] = {"supervisor_id": sid}
         if limit is not None:
             params["limit"] = limit
+        if before is not None:
+            params["before"] = before
         return await client.call("supervisor.history", params)
 
     result = run_client(socket_path, action)
+    messages = result["messages"]
     if as_json:
-        print_json(result["messages"])
-        return
-    if not result["messages"]:
-        err.print("no messages")
-    for m in result["messages"]:
-        content = m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
-        out.print(Text.assemble((f"{m['seq']:>4} {m['role']}", "bold"), "  ", content))
+        print_json(messages)
+    else:
+        if not messages:
+            err.print("no messages")
+        for m in messages:
+            content = m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
+            out.print(Text.assemble((f"{m['seq']:>4} {m['role']}", "bold"), "  ", content))
+    if result.get("more") and messages:
+        err.print(f"older messages not shown: add --before {messages[0]['seq']}")
 
 
 # --------------------------------------------------------------------------- questions

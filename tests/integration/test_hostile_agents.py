@@ -252,3 +252,15 @@ async def test_an_answer_over_the_limit_is_invalid_params(
             "question.answer", {"question_id": asked["question_id"], "answer": "x" * 70_000}
         )
     assert refused.value.code == -32602 and "the limit is 65536" in refused.value.message
+
+
+async def test_history_pages_back_through_the_socket(
+    daemon: Daemon, client: ControlClient, relay: Relay
+) -> None:
+    sid, agent = await start_agent(client, relay)
+    for n in range(12):
+        await agent.request({"type": "message", "role": "r", "content": n})
+    page = await client.call("supervisor.history", {"supervisor_id": sid, "limit": 10})
+    assert [m["seq"] for m in page["messages"]] == list(range(3, 13)) and page["more"]
+    older = await client.call("supervisor.history", {"supervisor_id": sid, "before": 3})
+    assert [m["seq"] for m in older["messages"]] == [1, 2] and not older["more"]
