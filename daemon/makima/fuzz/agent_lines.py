@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from makima.agent import REF_LIMIT
 from makima.control.codec import MAX_LINE
 from makima.fuzz.frames import _BAD_JSON, _BAD_UTF8, _MISSING, _insert, _is_id
 from makima.fuzz.json_text import (
@@ -102,6 +103,8 @@ def expect_agent_line(obj: Mapping[str, object]) -> tuple[frozenset[str], frozen
     """What DESIGN §8 makes of a readable agent line (a decoded JSON object)."""
     ref = obj.get("ref")
     if ref is not None and not _is_id(ref):
+        return frozenset({NULL}), ERROR
+    if isinstance(ref, str) and len(ref) > REF_LIMIT:  # too long to echo: refused, ref null
         return frozenset({NULL}), ERROR
     with_ref = frozenset({REF}) if ref is not None else frozenset({NULL})
     kind = obj.get("type")
