@@ -236,6 +236,21 @@ def daemon(
         sys.exit(0)
 
 
+def _progress(label: str, as_json: bool) -> Any:
+    """A drill's progress line on stderr (none with --json)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn(f"[bold]{label}[/bold]"),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+        disable=as_json,
+    )
+
+
 # --------------------------------------------------------------------------- supervisors
 
 
@@ -656,7 +671,6 @@ def drill(
     With --fuzz, a fuzz drill instead: hostile input, then the figures (frames,
     replies by code, crashes, hangs, RSS before, during and after).
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from makima.drill import DrillProgress, run_drill
 
@@ -668,15 +682,7 @@ def drill(
     settings = DrillSettings(
         agents=agents, kills=kills, seed=seed, database_url=database_url, scratch=scratch
     )
-    progress = Progress(
-        TextColumn("[bold]drill[/bold]"),
-        BarColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-        disable=as_json,
-    )
+    progress = _progress("drill", as_json)
     task = progress.add_task("starting", total=max(kills, 1))
 
     def show(state: DrillProgress) -> None:
@@ -728,20 +734,11 @@ def fuzz_drill(
     frames: int, *, seed: int | None, database_url: str | None, scratch: Path | None, as_json: bool
 ) -> NoReturn:
     """``makima drill --fuzz``: run makima.fuzz against a scratch daemon, print the figures."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from makima.fuzz import FuzzReport, mib, run_fuzz_drill
 
     settings = FuzzSettings(frames=frames, seed=seed)
-    progress = Progress(
-        TextColumn("[bold]fuzz[/bold]"),
-        BarColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
-        disable=as_json,
-    )
+    progress = _progress("fuzz", as_json)
     task = progress.add_task("starting", total=frames)
 
     def show(report: FuzzReport) -> None:

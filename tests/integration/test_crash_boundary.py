@@ -13,6 +13,7 @@ import pytest
 import structlog.testing
 
 from makima import repository as repo
+from makima.config import DaemonConfig
 from makima.control.client import ControlClient, RemoteError
 from makima.daemon import Daemon
 from makima.database import create_pool
@@ -99,6 +100,19 @@ async def test_spawn_refuses_a_poison_task_and_persists_nothing(
     assert (await client.call("daemon.status"))["pid"]
 
 
+async def victim_and_bystander(config: DaemonConfig, relay: Relay) -> tuple[str, str]:
+    """Two supervisors, "victim" and "bystander", left unfinished by a clean stop."""
+    first = Daemon(config, handle_signals=False)
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(DEADLINE):
+            await tg.start(first.run)
+        async with client_for(first) as client:
+            victim, _ = await start_agent(client, relay, "victim")
+            bystander, _ = await start_agent(client, relay, "bystander")
+        first.request_shutdown()
+    return victim, bystander
+
+
 def _raising(point: SavePoint, supervisor: str) -> FaultHook:
     return FaultHook(
         FaultPlan(point, Moment.BEFORE_COMMIT, action=FaultAction.RAISE, supervisor=supervisor)
@@ -162,14 +176,7 @@ async def test_a_restoration_that_raises_is_reported_failed_and_startup_goes_on(
     db_params: ConnectParams, short_tmp: Path, relay: Relay
 ) -> None:
     config = daemon_config(db_params, short_tmp)
-    first = Daemon(config, handle_signals=False)
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(DEADLINE):
-            await tg.start(first.run)
-        async with client_for(first) as client:
-            victim, _ = await start_agent(client, relay, "victim")
-            bystander, _ = await start_agent(client, relay, "bystander")
-        first.request_shutdown()
+    victim, bystander = await victim_and_bystander(config, relay)
 
     second = Daemon(config, handle_signals=False, faults=_raising(SavePoint.RESTORE, "victim"))
     with structlog.testing.capture_logs() as logs:
@@ -234,14 +241,7 @@ async def test_a_restored_state_the_database_refuses_fails_that_supervisor_only(
 ) -> None:
     """Before, one refused save of a restored state aborted the whole startup."""
     config = daemon_config(db_params, short_tmp)
-    first = Daemon(config, handle_signals=False)
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(DEADLINE):
-            await tg.start(first.run)
-        async with client_for(first) as client:
-            victim, _ = await start_agent(client, relay, "victim")
-            bystander, _ = await start_agent(client, relay, "bystander")
-        first.request_shutdown()
+    victim, bystander = await victim_and_bystander(config, relay)
     pool = await create_pool(db_params, min_size=1, max_size=1)
     try:  # the database itself refuses any state but failed for the victim
         await pool.execute(
