@@ -29,7 +29,7 @@ from makima.api import ControlApi
 from makima.config import DaemonConfig
 from makima.control.server import ControlServer, prepare_socket_path
 from makima.database import Database, DatabaseConfig
-from makima.errors import ConflictError, MakimaError, NotFoundError
+from makima.errors import ConflictError, MakimaError, NotFoundError, leaf_exceptions
 from makima.events import EventBus
 from makima.faults import FaultHook, Moment, SavePoint
 from makima.model import (
@@ -82,14 +82,7 @@ def hold_state_dir(state_dir: Path) -> Iterator[None]:
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> MakimaError | None:
     """The MakimaError inside ``group``, when every exception there is one."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, BaseExceptionGroup):
-            stack.extend(item.exceptions)
-        else:
-            leaves.append(item)
+    leaves = leaf_exceptions(group)
     errors = [leaf for leaf in leaves if isinstance(leaf, MakimaError)]
     return errors[0] if errors and len(errors) == len(leaves) else None
 

@@ -73,3 +73,17 @@ class InvalidParamsError(MakimaError):
 
 class TooLargeError(InvalidValueError):
     """A value that could never be sent back in one protocol line (makima.limits)."""
+
+
+def leaf_exceptions(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``, unwrapped from any (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaf_exceptions(inner)]
+    return [exc]
+
+
+def crash_reason(exc: BaseException, during: str) -> str:
+    """The ``error_message`` of a supervisor failed by its crash boundary: the
+    exceptions that caused it (task groups wrap them in groups; the leaves are named)."""
+    named = "; ".join(f"{type(e).__name__}: {e}" for e in leaf_exceptions(exc))
+    return f"makima failed unexpectedly while {during}: {named}"

@@ -37,7 +37,7 @@ import structlog
 from makima import repository as repo
 from makima.config import TaskRestartPolicy
 from makima.database import Database, Pool, told_of_retries
-from makima.errors import InvalidValueError, MakimaError, NotFoundError
+from makima.errors import InvalidValueError, MakimaError, NotFoundError, crash_reason
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
 from makima.limits import LINE_BUDGET, TEXT_LIMIT, encoded_size
@@ -334,7 +334,7 @@ async def _repaired(
 
 def crashed_plan(loaded: LoadedSupervisor, source: RestorationSource, exc: BaseException) -> Plan:
     """The plan for a supervisor whose restoration raised: it is marked failed."""
-    reason = f"restoring it failed unexpectedly: {type(exc).__name__}: {exc}"
+    reason = crash_reason(exc, "restoring it")
     base = loaded.state or fresh_state(loaded.spec.supervisor_id, None)
     state = dataclasses.replace(base, state=S.FAILED, error_message=reason)
     validation = StateValidationResult(False, (reason,), StateRecoveryAction.MARK_FAILED)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
-from makima.errors import ConflictError, MakimaError
+from makima.errors import ConflictError, MakimaError, crash_reason
 from makima.faults import Moment, SavePoint
 from makima.model import RestorationInfo, RestorationSource
 from makima.restoration import Restorer, after_start, info, restore_one, start_payload
@@ -65,19 +65,6 @@ def next_restart(
             f"{policy.window:.0f}s (last: {last_exit}); not restarting it again",
         )
     return RestartDecision(kept, min(policy.backoff * 2 ** (len(kept) - 1), policy.max_delay))
-
-
-def crash_reason(exc: BaseException, during: str) -> str:
-    """The ``error_message`` of a crashed supervisor: the exceptions that caused it
-    (task groups wrap them in groups; the leaves are named)."""
-    named = "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc))
-    return f"makima failed unexpectedly while {during}: {named}"
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
 
 
 class _Waiter:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from makima.agent import AgentProtocolError, ErrorCode, encode, parse_agent_line
 from makima.daemon import first_error
-from makima.errors import EmbeddedDatabaseError, InvalidValueError
+from makima.errors import EmbeddedDatabaseError, InvalidValueError, crash_reason
 from makima.faults import FaultAction, FaultHook, FaultPlan, InjectedFault, Moment, SavePoint
 from makima.jsonline import top_level_member
 from makima.limits import encoded_size, fit_newest
@@ -32,7 +32,7 @@ from makima.model import (
     parse_env,
 )
 from makima.restoration import fit_restoration
-from makima.runner import RestartPolicy, crash_reason, next_restart
+from makima.runner import RestartPolicy, next_restart
 
 
 def test_restart_policy_backs_off_then_gives_up() -> None:
