@@ -11,6 +11,8 @@ report.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, TypeVarTuple, Unpack
 
@@ -45,8 +47,104 @@ def is_cancelled_wakeup(context: dict[str, Any]) -> bool:
     )
 
 
+def pidfd_supported() -> bool:
+    """True when this kernel hands out pidfds (Linux 5.3 and later)."""
+    if not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        fd = os.pidfd_open(os.getpid())
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+if sys.version_info < (3, 12):
+
+    class PidfdChildWatcher(asyncio.PidfdChildWatcher):
+        """Python 3.12's pidfd watcher on 3.11: no thread, and no loop of its own.
+
+        3.11's :class:`asyncio.PidfdChildWatcher` is bound to the one loop it was
+        attached to; the watcher is process-wide, and another loop (a setup
+        helper's in a thread, say) would register its children on the wrong
+        loop. This one waits on each child's pidfd in the loop that started the
+        child, as 3.12's does: a readable pidfd means the child exited, and the
+        ``waitpid`` that follows does not block.
+        """
+
+        def is_active(self) -> bool:
+            return True
+
+        def close(self) -> None:
+            pass
+
+        def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+            pass
+
+        def add_child_handler(
+            self, pid: int, callback: Callable[[int, int, Unpack[Args]], object], *args: *Args
+        ) -> None:
+            loop = asyncio.get_running_loop()
+            pidfd = os.pidfd_open(pid)
+            loop.add_reader(pidfd, self._reap, loop, pid, pidfd, callback, args)
+
+        def _reap(
+            self,
+            loop: asyncio.AbstractEventLoop,
+            pid: int,
+            pidfd: int,
+            callback: Callable[..., object],
+            args: tuple[object, ...],
+        ) -> None:
+            loop.remove_reader(pidfd)
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                # Reaped by someone else: asyncio's own watchers report 255 then.
+                returncode = 255
+                log.warning("loop.child_already_reaped", pid=pid)
+            else:
+                returncode = os.waitstatus_to_exitcode(status)
+            finally:
+                os.close(pidfd)
+            callback(pid, returncode, *args)
+
+        def remove_child_handler(self, pid: int) -> bool:
+            # asyncio never calls it (nor does 3.12's watcher do anything here).
+            return True
+
+    def install_child_watcher(policy: asyncio.AbstractEventLoopPolicy) -> bool:
+        """Give ``policy`` a pidfd child watcher in place of the threaded default.
+
+        Returns whether one is installed now. A watcher someone chose on purpose
+        (anything but the default :class:`asyncio.ThreadedChildWatcher`) is left
+        alone, and so is the default when this kernel has no pidfds.
+        """
+        current = policy.get_child_watcher()
+        if isinstance(current, PidfdChildWatcher):
+            return True
+        if type(current) is not asyncio.ThreadedChildWatcher or not pidfd_supported():
+            return False
+        policy.set_child_watcher(PidfdChildWatcher())
+        log.debug("loop.pidfd_child_watcher_installed")
+        return True
+
+else:
+
+    def install_child_watcher(policy: asyncio.AbstractEventLoopPolicy) -> bool:
+        """Nothing to do: since Python 3.12 asyncio waits on pidfds by default
+        (and setting a child watcher is deprecated)."""
+        return False
+
+
 class Loop(asyncio.SelectorEventLoop):
-    """asyncio's selector loop, reporting through structlog and without false alarms."""
+    """asyncio's selector loop, reporting through structlog and without false alarms,
+    whose children are reaped without a thread each (see :func:`install_child_watcher`)."""
+
+    def __init__(self, selector: Any = None) -> None:
+        super().__init__(selector)
+        if sys.platform == "linux":
+            install_child_watcher(asyncio.get_event_loop_policy())
 
     def call_exception_handler(self, context: dict[str, Any]) -> None:
         if is_cancelled_wakeup(context):
