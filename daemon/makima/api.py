@@ -14,10 +14,9 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from makima import __version__
-from makima import repository as repo
 from makima.config import DaemonConfig
 from makima.control.server import MethodNotFoundError, Peer, Reply, Stream
-from makima.database import Database, Pool
+from makima.database import Database
 from makima.errors import InvalidParamsError, InvalidValueError, NotFoundError
 from makima.events import EventBus, EventKind
 from makima.limits import ANSWER_LIMIT, GOAL_LIMIT, HISTORY_LIMIT, MAX_SEQ, NAME_LIMIT, fit_newest
@@ -33,6 +32,7 @@ from makima.model import (
     parse_string_list,
     parse_uuid,
 )
+from makima.store import Store
 from makima.supervisor import Supervisor, question_event_fields
 
 
@@ -47,6 +47,9 @@ class Daemon(Protocol):
 
     @property
     def db(self) -> Database: ...
+
+    @property
+    def store(self) -> Store: ...
 
     @property
     def supervisors(self) -> Mapping[uuid.UUID, Supervisor]: ...
@@ -177,9 +180,6 @@ class ControlApi:
             )
         return await handler(peer, params)
 
-    async def _query(self, operation: Callable[[Pool], Awaitable[Any]]) -> Any:
-        return await self.daemon.db.query(operation)
-
     # ----------------------------------------------------------------- daemon
 
     async def hello(self, peer: Peer, params: dict[str, Any]) -> Reply:
@@ -190,8 +190,8 @@ class ControlApi:
 
     async def status(self, peer: Peer, params: dict[str, Any]) -> Reply:
         _only(params, set())
-        counts = await self._query(repo.count_supervisors_by_state)
-        open_questions = await self._query(repo.list_open_questions)
+        counts = await self.daemon.store.count_supervisors_by_state()
+        open_questions = await self.daemon.store.list_open_questions()
         d = self.daemon
         return Reply(
             {
@@ -239,15 +239,13 @@ class ControlApi:
     async def list_supervisors(self, peer: Peer, params: dict[str, Any]) -> Reply:
         _only(params, {"all"})
         include_all = _optional_bool(params, "all")
-        rows = await self._query(
-            lambda pool: repo.list_supervisors(pool, include_finished=include_all)
-        )
+        rows = await self.daemon.store.list_supervisors(include_finished=include_all)
         return Reply({"supervisors": [supervisor_summary(spec, state) for spec, state in rows]})
 
     async def _found(
         self, supervisor_id: uuid.UUID
     ) -> tuple[SupervisorSpec, SupervisorState | None]:
-        found = await self._query(lambda pool: repo.get_supervisor(pool, supervisor_id))
+        found = await self.daemon.store.get_supervisor(supervisor_id)
         if found is None:
             raise NotFoundError(f"no supervisor {supervisor_id}")
         spec, state = found
@@ -257,7 +255,7 @@ class ControlApi:
         _only(params, {"supervisor_id"})
         supervisor_id = _uuid(params, "supervisor_id")
         spec, state = await self._found(supervisor_id)
-        tasks = await self._query(lambda pool: repo.get_tasks_for_supervisor(pool, supervisor_id))
+        tasks = await self.daemon.store.get_tasks(supervisor_id)
         body: dict[str, Any] = (
             state.to_json()
             if state is not None
@@ -301,9 +299,7 @@ class ControlApi:
         before = _optional_limit(params, "before", MAX_SEQ)
         await self._found(supervisor_id)
         page = limit or HISTORY_PAGE  # one more than asked: are there older ones?
-        messages = await self._query(
-            lambda pool: repo.get_supervisor_messages(pool, supervisor_id, page + 1, before=before)
-        )
+        messages = await self.daemon.store.get_messages(supervisor_id, page + 1, before=before)
         # The newest that fit one reply line; page back with "before": the oldest seq.
         kept, cut = fit_newest([m.to_json() for m in messages[-page:]])
         more = cut or len(messages) > page
@@ -314,7 +310,7 @@ class ControlApi:
     async def list_questions(self, peer: Peer, params: dict[str, Any]) -> Reply:
         _only(params, {"supervisor_id"})
         supervisor_id = _uuid(params, "supervisor_id") if "supervisor_id" in params else None
-        records = await self._query(lambda pool: repo.list_open_questions(pool, supervisor_id))
+        records = await self.daemon.store.list_open_questions(supervisor_id)
         return Reply({"questions": [question_view(r) for r in records]})
 
     async def answer(self, peer: Peer, params: dict[str, Any]) -> Reply:
@@ -366,7 +362,7 @@ class ControlApi:
         try:
             snapshot: list[QuestionRecord] = []
             if kinds is None or EventKind.QUESTION_PENDING.value in kinds:
-                snapshot = await self._query(repo.list_open_questions)
+                snapshot = await self.daemon.store.list_open_questions()
         except BaseException:
             subscription.close()
             raise

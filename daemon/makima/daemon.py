@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import signal
 import socket
@@ -24,7 +23,6 @@ import anyio
 import anyio.abc
 import structlog
 
-from makima import repository as repo
 from makima.api import ControlApi
 from makima.config import DaemonConfig
 from makima.control.server import ControlServer, prepare_socket_path
@@ -49,6 +47,14 @@ from makima.restoration import (
     start_payload,
 )
 from makima.runner import RestartPolicy, Runner
+from makima.store import (
+    DaemonRegistered,
+    DaemonSeen,
+    Heartbeats,
+    QuestionAnswered,
+    Store,
+    SupervisorCreated,
+)
 from makima.supervisor import StopReason, Supervisor
 from makima.systemd import Notifier, watchdog_interval
 
@@ -113,6 +119,7 @@ class Daemon:
             backoff=config.agent_restart_backoff,
         )
         self._db: Database | None = None
+        self._store: Store | None = None
         self._restorer: Restorer | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._shutdown = anyio.Event()
@@ -126,10 +133,16 @@ class Daemon:
         return self._db
 
     @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.db)
+        return self._store
+
+    @property
     def restorer(self) -> Restorer:
         if self._restorer is None:
             self._restorer = Restorer(
-                self.db, self.bus, self.config.task_restart_policy, self.faults
+                self.store, self.bus, self.config.task_restart_policy, self.faults
             )
         return self._restorer
 
@@ -165,11 +178,8 @@ class Daemon:
             DatabaseConfig(state_dir=self.config.state_dir, url=self.config.database_url)
         )
         try:
-            await self.db.save(
-                lambda pool: repo.register_daemon(
-                    pool, self.daemon_id, socket.gethostname(), os.getpid()
-                ),
-                "register_daemon",
+            await self.store.register_daemon(
+                DaemonRegistered(self.daemon_id, socket.gethostname(), os.getpid())
             )
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
@@ -264,16 +274,11 @@ class Daemon:
         live = [s for s in self.supervisors.values() if s.agent is not None]
         beats = [s.heartbeat() for s in live]
         self.faults.reached(SavePoint.HEARTBEAT, Moment.BEFORE_COMMIT)
-        outcomes = await self.db.save(
-            functools.partial(
-                repo.update_supervisors_heartbeat_bulk, beats=[beat for beat, _ in beats]
-            ),
-            "heartbeat",
-        )
+        outcomes = await self.store.beat(Heartbeats(tuple(beat for beat, _ in beats)))
         self.faults.reached(SavePoint.HEARTBEAT, Moment.AFTER_COMMIT)
         for supervisor, (_, mark) in zip(live, beats, strict=True):
             supervisor.after_heartbeat(mark, outcomes.get(supervisor.id))
-        await self.db.save(lambda pool: repo.touch_daemon(pool, self.daemon_id), "daemon_heartbeat")
+        await self.store.touch_daemon(DaemonSeen(self.daemon_id))
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
@@ -326,7 +331,7 @@ class Daemon:
         return Supervisor(
             spec,
             state,
-            db=self.db,
+            store=self.store,
             bus=self.bus,
             faults=self.faults,
             grace=self.config.shutdown_grace,
@@ -334,7 +339,7 @@ class Daemon:
         )
 
     async def create_supervisor(self, spec: SupervisorSpec) -> Supervisor:
-        state = await self.db.query(lambda pool: repo.create_supervisor(pool, spec))
+        state = await self.store.create_supervisor(SupervisorCreated(spec))
         supervisor = self.new_supervisor(spec, state)
         log.info("supervisor.created", supervisor_id=str(spec.supervisor_id), name=spec.name)
         self.launch(supervisor)
@@ -343,28 +348,37 @@ class Daemon:
     async def answer_question(
         self, question_id: uuid.UUID, answer: str, uid: int | None
     ) -> tuple[QuestionRecord, Callable[[], Awaitable[None]] | None]:
-        """Persist an answer; return it and the delivery to run once the client has it."""
-        record = await self.db.query(lambda pool: repo.get_question(pool, question_id))
-        if record is None:
-            raise NotFoundError(f"no question {question_id}")
-        runner = self.runners.get(record.supervisor_id)
+        """Persist an answer; return it and the delivery to run once the client has it.
+
+        An open question of a running supervisor (the usual case) is answered in
+        one statement, found in memory; anything else is looked up first, and so
+        is everything while the database was away when last tried (the lookup
+        then fails fast with DatabaseUnavailableError, instead of the answer
+        waiting behind the supervisor's save points for the database to return).
+        """
+        runner = self._runner_asking(question_id) if self.db.available else None
         if runner is None:
-            if record.answer is None:
-                found = await self.db.query(
-                    lambda pool: repo.get_supervisor(pool, record.supervisor_id)
+            record = await self.store.get_question(question_id)
+            if record is None:
+                raise NotFoundError(f"no question {question_id}")
+            runner = self.runners.get(record.supervisor_id)
+            if runner is None:
+                if record.answer is None:
+                    found = await self.store.get_supervisor(record.supervisor_id)
+                    state = (
+                        found[1].state.value
+                        if found is not None and found[1] is not None
+                        else "gone"
+                    )
+                    raise ConflictError(
+                        f"question {question_id} belongs to supervisor {record.supervisor_id}, "
+                        f"which is {state}; its questions can no longer be answered",
+                        {"state": state},
+                    )
+                answered = await self.store.answer_question(
+                    QuestionAnswered(question_id, answer, uid)
                 )
-                state = (
-                    found[1].state.value if found is not None and found[1] is not None else "gone"
-                )
-                raise ConflictError(
-                    f"question {question_id} belongs to supervisor {record.supervisor_id}, "
-                    f"which is {state}; its questions can no longer be answered",
-                    {"state": state},
-                )
-            answered = await self.db.query(
-                lambda pool: repo.answer_question(pool, question_id, answer, uid)
-            )
-            return answered, None  # unreachable in practice: answer_question raises a conflict
+                return answered, None  # unreachable in practice: a conflict is raised
         supervisor = runner.supervisor
         answered = await runner.call(
             "saving an answer", lambda: supervisor.answer(question_id, answer, uid)
@@ -372,6 +386,13 @@ class Daemon:
         return answered, runner.guarded(
             "delivering an answer", lambda: supervisor.deliver_answer(answered)
         )
+
+    def _runner_asking(self, question_id: uuid.UUID) -> Runner | None:
+        """The runner whose supervisor has ``question_id`` open, as it knows."""
+        for runner in self.runners.values():
+            if any(q.id == question_id for q in runner.supervisor.state.pending_questions):
+                return runner
+        return None
 
     async def cancel_supervisor(self, supervisor_id: uuid.UUID, uid: int) -> SupervisorStateEnum:
         """Cancel a running supervisor; ConflictError when it is (or just became) finished."""
@@ -392,7 +413,7 @@ class Daemon:
         if runner is not None:
             current = runner.supervisor.state.state.value
         else:
-            found = await self.db.query(lambda pool: repo.get_supervisor(pool, supervisor_id))
+            found = await self.store.get_supervisor(supervisor_id)
             state = found[1] if found is not None else None
             current = state.state.value if state is not None else "unknown"
         return ConflictError(
@@ -411,7 +432,7 @@ class Daemon:
 
     async def resume_supervisor(self, supervisor_id: uuid.UUID) -> RestorationInfo:
         """Manual resume: restart its agent through restoration (source ``manual``)."""
-        found = await self.db.query(lambda pool: repo.get_supervisor(pool, supervisor_id))
+        found = await self.store.get_supervisor(supervisor_id)
         if found is None:
             raise NotFoundError(f"no supervisor {supervisor_id}")
         _, state = found

@@ -45,6 +45,7 @@ from makima.errors import (
 log = structlog.get_logger("makima.database")
 
 SCHEMA_VERSION = 1
+SAVE_ATTEMPT_TIMEOUT = 30.0  # seconds one attempt of a save point may take
 _SCHEMA_LOCK_KEY = 0x6D616B696D61  # "makima": serialises concurrent schema applies
 
 Pool = asyncpg.Pool
@@ -79,6 +80,20 @@ def is_connection_error(exc: BaseException) -> bool:
 def schema_sql() -> str:
     """The schema shipped inside the package (a copy of the top-level schema.sql)."""
     return resources.files("makima").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+class Connection(asyncpg.Connection):
+    """A pooled connection released without a reset query.
+
+    asyncpg's pool sends ``get_reset_query()`` (advisory unlock, CLOSE ALL,
+    UNLISTEN, RESET ALL) on every release: one more round trip per save point.
+    makima keeps no session state on a pooled connection (no LISTEN, no session
+    advisory lock, no SET, no cursor outside a transaction), so there is nothing
+    to reset; asyncpg still rolls back a transaction left open, on its own.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -164,6 +179,7 @@ async def create_pool(
             min_size=min_size,
             max_size=max_size,
             init=_init_connection,
+            connection_class=Connection,
             timeout=connect_timeout,
             command_timeout=None,
             **kwargs,
@@ -259,6 +275,7 @@ class Database:
         # Checks and restarts of the embedded server, and its stop, one at a time.
         self._embedded_lock = anyio.Lock()
         self._suspect: anyio.Event | None = None  # set on a connection error: check now
+        self._available = True  # no connection error since the last success
 
     @property
     def is_embedded(self) -> bool:
@@ -410,18 +427,42 @@ class Database:
         await self.pool.expire_connections()
         log.info("database.reconnect_target_changed", host=params.host, port=params.port)
 
+    @property
+    def available(self) -> bool:
+        """False from a connection error until an operation succeeds again: a request
+        a person waits for can fail fast without trying (nor queueing) first."""
+        return self._available
+
     def _connection_failed(self) -> None:
         """A connection error: have the supervisor check the embedded server now."""
+        self._available = False
         if self._suspect is not None:
             self._suspect.set()
 
     async def save(self, operation: Callable[[Pool], Awaitable[T]], what: str) -> T:
         """Run a save point; while the database is away, wait for it (never drop).
 
-        A save point the database refuses (a value it cannot store, a broken
+        The first attempt runs as it is (under the attempt timeout only); the
+        retry machinery is entered only when it meets a connection error. A save
+        point the database refuses (a value it cannot store, a broken
         constraint) raises SavePointRefusedError: the caller answers its peer
         with an error, and the daemon carries on.
         """
+        try:
+            with anyio.fail_after(SAVE_ATTEMPT_TIMEOUT):
+                result = await operation(self.pool)
+            self._available = True
+            return result
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if not is_connection_error(exc):
+                raise _refused(what, exc) from exc
+            self._connection_failed()
+            log.warning("database.retry", operation=what, attempt=1, error=repr(exc))
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            self._connection_failed()
+            log.warning("database.retry", operation=what, attempt=1, error=repr(exc))
 
         async def attempt() -> T:
             try:
@@ -432,21 +473,29 @@ class Database:
                 raise
 
         try:
-            return await with_retries(what, attempt, give_up_after=None, attempt_timeout=30.0)
+            result = await with_retries(
+                what, attempt, give_up_after=None, attempt_timeout=SAVE_ATTEMPT_TIMEOUT
+            )
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise SavePointRefusedError(
-                f"the database refused the {what} save point: {exc}"
-            ) from exc
+            raise _refused(what, exc) from exc
+        self._available = True
+        return result
 
     async def query(self, operation: Callable[[Pool], Awaitable[T]]) -> T:
         """Run a read or a person's request; fail fast when the database is away."""
         try:
-            return await operation(self.pool)
+            result = await operation(self.pool)
         except Exception as exc:
             if is_connection_error(exc):
                 self._connection_failed()
                 raise DatabaseUnavailableError(f"the database is not reachable: {exc}") from exc
             raise
+        self._available = True
+        return result
+
+
+def _refused(what: str, exc: Exception) -> SavePointRefusedError:
+    return SavePointRefusedError(f"the database refused the {what} save point: {exc}")
 
 
 def told_of_retries(

@@ -1,8 +1,17 @@
-"""Every SQL statement makima runs, one function per statement or transaction.
+"""Every SQL statement makima runs, one function per statement.
 
 Nothing else in makima talks SQL. Every value is a bind parameter; no value
 is ever formatted into a statement. Each function takes ``db`` (a pool, a
-connection, or a pooled connection) and returns model objects.
+connection, or a pooled connection) and returns model objects. Only
+:mod:`makima.store` calls these functions.
+
+Every save point is ONE statement (one round trip, one commit): where it
+touches several tables it does so with data-modifying CTEs, which PostgreSQL
+runs atomically, without BEGIN/COMMIT. The save points that can be written
+together with others (group commit, :mod:`makima.store.committer`) are also
+offered as a :class:`Bound` statement: a :class:`Statement` that returns
+exactly one row per execution, and the arguments of one execution, so that
+many executions go in one pipeline and each row is decoded for its own caller.
 
 Changes to ``pending_questions`` and ``spawned_task_ids`` are computed by
 PostgreSQL inside one UPDATE, so concurrent writers never lose each other's
@@ -12,15 +21,17 @@ changes (no read-modify-write in Python). Every write to
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from makima.database import Db, transaction
-from makima.errors import ConflictError, InvalidValueError, NotFoundError
+from makima.database import Db
+from makima.errors import ConflictError, InvalidValueError, MakimaError, NotFoundError
 from makima.model import (
     UNFINISHED_STATES,
     CheckpointRecord,
@@ -65,6 +76,55 @@ _BUMP = "version = version + 1, updated_at = now()"
 R = TypeVar("R")
 
 
+@dataclass(frozen=True, slots=True)
+class Statement(Generic[R]):
+    """A save point's statement: every execution returns exactly one row, which
+    ``decode`` turns into the caller's result (or the caller's error)."""
+
+    name: str
+    sql: str
+    decode: Callable[[asyncpg.Record], R]
+
+
+@dataclass(frozen=True, slots=True)
+class Bound(Generic[R]):
+    """One execution of a :class:`Statement`: the statement and its arguments."""
+
+    statement: Statement[R]
+    args: tuple[Any, ...]
+
+    @property
+    def sql(self) -> str:
+        return self.statement.sql
+
+    def decode(self, row: asyncpg.Record) -> R:
+        return self.statement.decode(row)
+
+    async def run(self, db: Db) -> R:
+        """Execute alone: one round trip."""
+        row = await db.fetchrow(self.statement.sql, *self.args)
+        assert row is not None, f"{self.statement.name} returns one row per execution"
+        return self.statement.decode(row)
+
+
+def _version_or_none(row: asyncpg.Record) -> int | None:
+    value = row["version"]
+    return None if value is None else int(value)
+
+
+def _version_required(row: asyncpg.Record) -> int:
+    """The new version; NotFoundError when no row was written (the statement
+    echoes the supervisor id it was given as ``for_supervisor``)."""
+    value = row["version"]
+    if value is None:
+        raise NotFoundError(f"no supervisor {row['for_supervisor']}")
+    return int(value)
+
+
+def _task_or_none(row: asyncpg.Record) -> TaskRecord | None:
+    return None if row["task_id"] is None else TaskRecord.from_row(row)
+
+
 def _state(row: asyncpg.Record | None) -> SupervisorState | None:
     return None if row is None else SupervisorState.from_row(row)
 
@@ -97,22 +157,19 @@ def _split(row: asyncpg.Record) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 async def create_supervisor(db: Db, spec: SupervisorSpec) -> SupervisorState:
-    """Write the spec and its initial state row in one transaction."""
-    async with transaction(db) as conn:
-        await conn.execute(
-            "INSERT INTO supervisors (supervisor_id, name, goal, agent_command, cwd, env) "
-            "VALUES ($1, $2, $3, $4, $5, $6)",
-            spec.supervisor_id,
-            spec.name,
-            spec.goal,
-            list(spec.agent_command),
-            spec.cwd,
-            dict(spec.env),
-        )
-        row = await conn.fetchrow(
-            f"INSERT INTO supervisor_states AS st (supervisor_id) VALUES ($1) RETURNING {_STATE}",
-            spec.supervisor_id,
-        )
+    """Write the spec and its initial state row: one statement."""
+    row = await db.fetchrow(
+        "WITH sp AS (INSERT INTO supervisors (supervisor_id, name, goal, agent_command, cwd, env) "
+        "VALUES ($1, $2, $3, $4, $5, $6) RETURNING supervisor_id) "
+        "INSERT INTO supervisor_states AS st (supervisor_id) SELECT supervisor_id FROM sp "
+        f"RETURNING {_STATE}",
+        spec.supervisor_id,
+        spec.name,
+        spec.goal,
+        list(spec.agent_command),
+        spec.cwd,
+        dict(spec.env),
+    )
     state = _state(row)
     assert state is not None
     return state
@@ -194,6 +251,27 @@ async def count_supervisors_by_state(db: Db) -> dict[SupervisorStateEnum, int]:
 # --------------------------------------------------------------------------- the seed's eleven
 
 
+STATE_CHANGE: Statement[int | None] = Statement(
+    "state_change",
+    "WITH st AS (UPDATE supervisor_states SET state = $2, current_activity = $3, progress = $4, "
+    f"error_message = $5, {_BUMP} WHERE supervisor_id = $1 RETURNING version) "
+    "SELECT (SELECT version FROM st) AS version",
+    _version_or_none,
+)
+
+
+def state_change(
+    supervisor_id: uuid.UUID,
+    state: SupervisorStateEnum,
+    current_activity: str | None,
+    progress: int,
+    error_message: str | None = None,
+) -> Bound[int | None]:
+    return Bound(
+        STATE_CHANGE, (supervisor_id, state.value, current_activity, progress, error_message)
+    )
+
+
 async def update_supervisor_detailed_state(
     db: Db,
     supervisor_id: uuid.UUID,
@@ -203,16 +281,8 @@ async def update_supervisor_detailed_state(
     error_message: str | None = None,
 ) -> int | None:
     """Save point on a state change. Returns the new version, None if no such supervisor."""
-    value = await db.fetchval(
-        "UPDATE supervisor_states SET state = $2, current_activity = $3, progress = $4, "
-        f"error_message = $5, {_BUMP} WHERE supervisor_id = $1 RETURNING version",
-        supervisor_id,
-        state.value,
-        current_activity,
-        progress,
-        error_message,
-    )
-    return None if value is None else int(value)
+    bound = state_change(supervisor_id, state, current_activity, progress, error_message)
+    return await bound.run(db)
 
 
 _ADD_TASK_ID = (
@@ -566,18 +636,41 @@ _TASK = (
 )
 
 
-async def create_task(db: Db, task: TaskRecord) -> TaskRecord:
-    """Save point on task spawn: the row and the supervisor's list, in one transaction.
+_TASK_COLUMNS = [c.strip() for c in _TASK.split(",")]
+_TASK_T = ", ".join(f"t.{c}" for c in _TASK_COLUMNS)
 
-    Idempotent by ``task_id``. Raises NotFoundError for an unknown supervisor.
-    """
-    async with transaction(db) as conn:
-        listed = await conn.fetchval(_ADD_TASK_ID, task.supervisor_id, task.task_id)
-        if listed is None:
-            raise NotFoundError(f"no supervisor {task.supervisor_id}")
-        await conn.execute(
-            "INSERT INTO tasks (task_id, supervisor_id, name, command, cwd, env, status) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (task_id) DO NOTHING",
+
+def _spawned(row: asyncpg.Record) -> tuple[TaskRecord, int]:
+    version = _version_required(row)
+    return TaskRecord.from_row(row), version
+
+
+TASK_SPAWNED: Statement[tuple[TaskRecord, int]] = Statement(
+    "task_spawned",
+    # The list entry, the optional state and the row, in one statement; on a
+    # repeat (idempotent by task_id) the existing row comes back (DO UPDATE
+    # returns it, DO NOTHING would not).
+    "WITH st AS (UPDATE supervisor_states SET spawned_task_ids = CASE "
+    "WHEN $1::uuid = ANY(spawned_task_ids) THEN spawned_task_ids "
+    "ELSE array_append(COALESCE(spawned_task_ids, ARRAY[]::uuid[]), $1::uuid) END, "
+    f"state = COALESCE($8::text, state), {_BUMP} "
+    "WHERE supervisor_id = $2 RETURNING supervisor_id, version), "
+    "t AS (INSERT INTO tasks (task_id, supervisor_id, name, command, cwd, env, status) "
+    "SELECT $1, st.supervisor_id, $3, $4, $5, $6, $7 FROM st "
+    "ON CONFLICT (task_id) DO UPDATE SET supervisor_id = tasks.supervisor_id "
+    f"RETURNING {_TASK}) "
+    f"SELECT $2::uuid AS for_supervisor, st.version, {_TASK_T} "
+    "FROM (SELECT 1) AS one LEFT JOIN st ON true LEFT JOIN t ON true",
+    _spawned,
+)
+
+
+def task_spawned(
+    task: TaskRecord, state: SupervisorStateEnum | None = None
+) -> Bound[tuple[TaskRecord, int]]:
+    return Bound(
+        TASK_SPAWNED,
+        (
             task.task_id,
             task.supervisor_id,
             task.name,
@@ -585,21 +678,58 @@ async def create_task(db: Db, task: TaskRecord) -> TaskRecord:
             task.cwd,
             dict(task.env),
             task.status.value,
-        )
-        row = await conn.fetchrow(f"SELECT {_TASK} FROM tasks WHERE task_id = $1", task.task_id)
-    assert row is not None
-    return TaskRecord.from_row(row)
+            None if state is None else state.value,
+        ),
+    )
+
+
+async def create_task(
+    db: Db, task: TaskRecord, state: SupervisorStateEnum | None = None
+) -> TaskRecord:
+    """Save point on task spawn: the row and the supervisor's list (and, given, its
+    new state) in one statement.
+
+    Idempotent by ``task_id``. Raises NotFoundError for an unknown supervisor.
+    """
+    record, _ = await task_spawned(task, state).run(db)
+    return record
+
+
+TASK_STARTED: Statement[TaskRecord | None] = Statement(
+    "task_started",
+    "WITH t AS (UPDATE tasks SET status = 'running', attempts = attempts + 1, "
+    "started_at = now(), finished_at = NULL, exit_code = NULL "
+    f"WHERE task_id = $1 AND status IN ('pending', 'running', 'interrupted') RETURNING {_TASK}) "
+    f"SELECT {_TASK_T} FROM (SELECT 1) AS one LEFT JOIN t ON true",
+    _task_or_none,
+)
+
+
+def task_started(task_id: uuid.UUID) -> Bound[TaskRecord | None]:
+    return Bound(TASK_STARTED, (task_id,))
 
 
 async def mark_task_running(db: Db, task_id: uuid.UUID) -> TaskRecord | None:
     """A new attempt of the task's process has started."""
-    row = await db.fetchrow(
-        "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = now(), "
-        "finished_at = NULL, exit_code = NULL "
-        f"WHERE task_id = $1 AND status IN ('pending', 'running', 'interrupted') RETURNING {_TASK}",
-        task_id,
-    )
-    return None if row is None else TaskRecord.from_row(row)
+    return await task_started(task_id).run(db)
+
+
+TASK_FINISHED: Statement[TaskRecord | None] = Statement(
+    "task_finished",
+    "WITH t AS (UPDATE tasks SET status = $2, exit_code = $3, output_tail = $4, "
+    "finished_at = now() "
+    f"WHERE task_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}) "
+    f"SELECT {_TASK_T} FROM (SELECT 1) AS one LEFT JOIN t ON true",
+    _task_or_none,
+)
+
+
+def task_finished(
+    task_id: uuid.UUID, status: TaskStatus, exit_code: int | None, output_tail: str | None
+) -> Bound[TaskRecord | None]:
+    if not status.is_finished:
+        raise ValueError(f"finish_task needs a final status; got {status.value!r}")
+    return Bound(TASK_FINISHED, (task_id, status.value, exit_code, output_tail))
 
 
 async def finish_task(
@@ -610,17 +740,7 @@ async def finish_task(
     output_tail: str | None,
 ) -> TaskRecord | None:
     """Record a final status. None if the task is unknown or already finished."""
-    if not status.is_finished:
-        raise ValueError(f"finish_task needs a final status; got {status.value!r}")
-    row = await db.fetchrow(
-        "UPDATE tasks SET status = $2, exit_code = $3, output_tail = $4, finished_at = now() "
-        f"WHERE task_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}",
-        task_id,
-        status.value,
-        exit_code,
-        output_tail,
-    )
-    return None if row is None else TaskRecord.from_row(row)
+    return await task_finished(task_id, status, exit_code, output_tail).run(db)
 
 
 async def get_task(db: Db, task_id: uuid.UUID) -> TaskRecord | None:
@@ -638,17 +758,18 @@ async def get_tasks_for_supervisor(db: Db, supervisor_id: uuid.UUID) -> list[Tas
 
 async def interrupt_unfinished_tasks(db: Db, supervisor_id: uuid.UUID) -> list[TaskRecord]:
     """Mark every pending or running task of a supervisor ``interrupted``."""
-    return await _end_unfinished_tasks(db, supervisor_id, TaskStatus.INTERRUPTED)
+    return await end_unfinished_tasks(db, supervisor_id, TaskStatus.INTERRUPTED)
 
 
 async def cancel_unfinished_tasks(db: Db, supervisor_id: uuid.UUID) -> list[TaskRecord]:
     """Mark every pending or running task of a supervisor ``cancelled`` (it ended)."""
-    return await _end_unfinished_tasks(db, supervisor_id, TaskStatus.CANCELLED)
+    return await end_unfinished_tasks(db, supervisor_id, TaskStatus.CANCELLED)
 
 
-async def _end_unfinished_tasks(
+async def end_unfinished_tasks(
     db: Db, supervisor_id: uuid.UUID, status: TaskStatus
 ) -> list[TaskRecord]:
+    """Mark every pending or running task of a supervisor ``status``."""
     rows = await db.fetch(
         "UPDATE tasks SET status = $2, finished_at = now() "
         f"WHERE supervisor_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}",
@@ -680,6 +801,20 @@ async def requeue_interrupted_tasks(
 # --------------------------------------------------------------------------- messages, checkpoints
 
 
+MESSAGE_ADDED: Statement[int] = Statement(
+    "message_added",
+    # One row always: the aggregate yields one, so one message is inserted.
+    "INSERT INTO supervisor_messages (supervisor_id, seq, role, content) "
+    "SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3 FROM supervisor_messages "
+    "WHERE supervisor_id = $1 RETURNING seq",
+    lambda row: int(row["seq"]),
+)
+
+
+def message_added(supervisor_id: uuid.UUID, role: str, content: Any) -> Bound[int]:
+    return Bound(MESSAGE_ADDED, (supervisor_id, role, content))
+
+
 async def append_supervisor_message(
     db: Db, supervisor_id: uuid.UUID, role: str, content: Any
 ) -> int:
@@ -689,15 +824,7 @@ async def append_supervisor_message(
     concurrent appends for the same supervisor would collide on the key and
     one would fail rather than be lost.
     """
-    value = await db.fetchval(
-        "INSERT INTO supervisor_messages (supervisor_id, seq, role, content) "
-        "SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3 FROM supervisor_messages "
-        "WHERE supervisor_id = $1 RETURNING seq",
-        supervisor_id,
-        role,
-        content,
-    )
-    return int(value)
+    return await message_added(supervisor_id, role, content).run(db)
 
 
 async def get_supervisor_messages(
@@ -732,43 +859,70 @@ async def save_supervisor_checkpoint(
     return int(value)
 
 
-async def record_phase_change(db: Db, snapshot: SupervisorState) -> int:
-    """Save point on a phase change: phase, state, activity and progress, plus a
-    checkpoint row holding the whole state, in one transaction. Returns the version."""
-    async with transaction(db) as conn:
-        version = await conn.fetchval(
-            "UPDATE supervisor_states SET phase = $2, state = $3, current_activity = $4, "
-            f"progress = $5, {_BUMP} WHERE supervisor_id = $1 RETURNING version",
+def _with_checkpoint(name: str, columns: str) -> Statement[int]:
+    """The state row's ``columns`` (from $2 on) and a checkpoint row holding the
+    whole state ($6, with the reason $7), in one statement. Its ``seq`` follows the
+    supervisor's last one, as for messages: two concurrent ones for one supervisor
+    would collide, not be lost."""
+    sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns.split(), start=2))
+    return Statement(
+        name,
+        f"WITH st AS (UPDATE supervisor_states SET {sets}, {_BUMP} "
+        "WHERE supervisor_id = $1 RETURNING supervisor_id, version), "
+        "cp AS (INSERT INTO supervisor_checkpoints (supervisor_id, seq, snapshot, reason) "
+        "SELECT st.supervisor_id, COALESCE((SELECT MAX(c.seq) FROM supervisor_checkpoints c "
+        "WHERE c.supervisor_id = $1), 0) + 1, $6, $7 FROM st) "
+        "SELECT $1::uuid AS for_supervisor, (SELECT version FROM st) AS version",
+        _version_required,
+    )
+
+
+PHASE_CHANGE = _with_checkpoint("phase_change", "phase state current_activity progress")
+CHECKPOINT_SAVED = _with_checkpoint(
+    "checkpoint_saved", "checkpoint_data state current_activity progress"
+)
+
+
+def phase_change(snapshot: SupervisorState) -> Bound[int]:
+    return Bound(
+        PHASE_CHANGE,
+        (
             snapshot.supervisor_id,
             snapshot.phase,
             snapshot.state.value,
             snapshot.current_activity,
             snapshot.progress,
-        )
-        if version is None:
-            raise NotFoundError(f"no supervisor {snapshot.supervisor_id}")
-        await save_supervisor_checkpoint(conn, snapshot.supervisor_id, snapshot, "phase_change")
-    return int(version)
+            snapshot.to_json(),
+            "phase_change",
+        ),
+    )
 
 
-async def record_agent_checkpoint(db: Db, snapshot: SupervisorState) -> int:
-    """Save point on the agent's ``checkpoint``: its data in the state row and a
-    checkpoint row holding the whole state, in one transaction. Returns the version."""
-    async with transaction(db) as conn:
-        version = await conn.fetchval(
-            "UPDATE supervisor_states SET checkpoint_data = $2, state = $3, "
-            f"current_activity = $4, progress = $5, {_BUMP} "
-            "WHERE supervisor_id = $1 RETURNING version",
+def checkpoint_saved(snapshot: SupervisorState) -> Bound[int]:
+    return Bound(
+        CHECKPOINT_SAVED,
+        (
             snapshot.supervisor_id,
             snapshot.checkpoint_data,
             snapshot.state.value,
             snapshot.current_activity,
             snapshot.progress,
-        )
-        if version is None:
-            raise NotFoundError(f"no supervisor {snapshot.supervisor_id}")
-        await save_supervisor_checkpoint(conn, snapshot.supervisor_id, snapshot, "explicit")
-    return int(version)
+            snapshot.to_json(),
+            "explicit",
+        ),
+    )
+
+
+async def record_phase_change(db: Db, snapshot: SupervisorState) -> int:
+    """Save point on a phase change: phase, state, activity and progress, plus a
+    checkpoint row holding the whole state, in one statement. Returns the version."""
+    return await phase_change(snapshot).run(db)
+
+
+async def record_agent_checkpoint(db: Db, snapshot: SupervisorState) -> int:
+    """Save point on the agent's ``checkpoint``: its data in the state row and a
+    checkpoint row holding the whole state, in one statement. Returns the version."""
+    return await checkpoint_saved(snapshot).run(db)
 
 
 async def get_latest_supervisor_checkpoint(
@@ -790,39 +944,74 @@ _QUESTION = (
 )
 
 
+QUESTION_ASKED: Statement[int] = Statement(
+    "question_asked",
+    "WITH st AS (UPDATE supervisor_states SET pending_questions = CASE "
+    "WHEN COALESCE(pending_questions, '[]'::jsonb) "
+    "@> jsonb_build_array(jsonb_build_object('id', $2::uuid::text)) "
+    "THEN pending_questions "
+    "ELSE COALESCE(pending_questions, '[]'::jsonb) || jsonb_build_array($3::jsonb) END, "
+    f"state = $8, {_BUMP} WHERE supervisor_id = $1 RETURNING supervisor_id, version), "
+    "q AS (INSERT INTO questions (question_id, supervisor_id, question, choices, context, "
+    "asked_at) SELECT $2, st.supervisor_id, $4, $5, $6, $7 FROM st "
+    "ON CONFLICT (question_id) DO NOTHING) "
+    "SELECT $1::uuid AS for_supervisor, (SELECT version FROM st) AS version",
+    _version_required,
+)
+
+
+def question_asked(
+    supervisor_id: uuid.UUID, question: PendingQuestion, state: SupervisorStateEnum
+) -> Bound[int]:
+    return Bound(
+        QUESTION_ASKED,
+        (
+            supervisor_id,
+            question.id,
+            question.to_json(),
+            question.question,
+            list(question.choices),
+            question.context,
+            question.asked_at,
+            state.value,
+        ),
+    )
+
+
 async def record_question_asked(
     db: Db,
     supervisor_id: uuid.UUID,
     question: PendingQuestion,
     state: SupervisorStateEnum,
 ) -> int:
-    """Save point on a question: its row, the pending entry and the state, in one transaction.
+    """Save point on a question: its row, the pending entry and the state, in one statement.
 
     Idempotent by question id. Returns the supervisor's new version.
     """
-    async with transaction(db) as conn:
-        version = await conn.fetchval(
-            _ADD_QUESTION, supervisor_id, question.to_json(), str(question.id)
-        )
-        if version is None:
-            raise NotFoundError(f"no supervisor {supervisor_id}")
-        await conn.execute(
-            "INSERT INTO questions (question_id, supervisor_id, question, choices, context, "
-            "asked_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (question_id) DO NOTHING",
-            question.id,
-            supervisor_id,
-            question.question,
-            list(question.choices),
-            question.context,
-            question.asked_at,
-        )
-        version = await conn.fetchval(
-            "UPDATE supervisor_states SET state = $2, "
-            f"{_BUMP} WHERE supervisor_id = $1 RETURNING version",
-            supervisor_id,
-            state.value,
-        )
-    return int(version)
+    return await question_asked(supervisor_id, question, state).run(db)
+
+
+_ANSWER = (
+    # The question, locked: after a concurrent answer's commit this is its newest
+    # version (READ COMMITTED), so a second answer sees the first.
+    f"WITH cur AS (SELECT {_QUESTION} FROM questions WHERE question_id = $1 FOR UPDATE), "
+    # The answer, only on an unanswered question, an acceptable text ($5) and one
+    # of the choices (if it has any).
+    "upd AS (UPDATE questions AS q SET answer = $2, answered_at = now(), answered_by_uid = $3 "
+    "FROM cur WHERE q.question_id = cur.question_id AND cur.answer IS NULL AND $5::boolean "
+    "AND (jsonb_array_length(cur.choices) = 0 OR cur.choices ? $2) "
+    "RETURNING q.supervisor_id, q.answered_at), "
+    # Out of pending_questions, and the supervisor's new state if one is given.
+    "st AS (UPDATE supervisor_states AS s SET pending_questions = COALESCE(("
+    "SELECT jsonb_agg(e.q ORDER BY e.n) FROM jsonb_array_elements(s.pending_questions) "
+    "WITH ORDINALITY AS e(q, n) WHERE e.q->>'id' IS DISTINCT FROM $1::uuid::text), "
+    "'[]'::jsonb), state = COALESCE($4::text, s.state), "
+    "version = s.version + 1, updated_at = now() "
+    "FROM upd WHERE s.supervisor_id = upd.supervisor_id AND ($4::text IS NOT NULL "
+    "OR s.pending_questions @> jsonb_build_array(jsonb_build_object('id', $1::uuid::text)))) "
+    "SELECT cur.*, upd.answered_at AS new_answered_at, upd.supervisor_id IS NOT NULL AS written "
+    "FROM cur LEFT JOIN upd ON true"
+)
 
 
 async def answer_question(
@@ -837,50 +1026,46 @@ async def answer_question(
     """Record the one answer to a question and drop it from ``pending_questions``;
     with ``state``, also move the supervisor to that state.
 
-    One transaction. Raises NotFoundError for an unknown question,
-    ConflictError (with the existing answer in ``data``) when it was answered
-    already, InvalidAnswerError when ``answer`` is not one of the choices.
-    With ``retry`` (this call repeats one whose outcome was lost with its
-    connection), the same answer by the same uid already recorded is that
+    One statement: it reads the question (locked), checks and writes the answer,
+    and updates the supervisor's row. Raises NotFoundError for an unknown
+    question, ConflictError (with the existing answer in ``data``) when it was
+    answered already, InvalidAnswerError when ``answer`` is not one of the
+    choices. With ``retry`` (this call repeats one whose outcome was lost with
+    its connection), the same answer by the same uid already recorded is that
     call's own commit: it is returned, not refused.
     """
-    async with transaction(db) as conn:
-        row = await conn.fetchrow(
-            f"SELECT {_QUESTION} FROM questions WHERE question_id = $1 FOR UPDATE", question_id
+    acceptable = isinstance(answer, str) and bool(answer.strip())
+    row = await db.fetchrow(
+        _ANSWER,
+        question_id,
+        answer,
+        answered_by_uid,
+        None if state is None else state.value,
+        acceptable,
+    )
+    if row is None:
+        raise NotFoundError(f"no question {question_id}")
+    existing = QuestionRecord.from_row(row)
+    if row["written"]:
+        return dataclasses.replace(
+            existing,
+            answer=answer,
+            answered_at=row["new_answered_at"],
+            answered_by_uid=answered_by_uid,
         )
-        if row is None:
-            raise NotFoundError(f"no question {question_id}")
-        existing = QuestionRecord.from_row(row)
-        if retry and (existing.answer, existing.answered_by_uid) == (answer, answered_by_uid):
-            return existing
-        if existing.is_answered:
-            raise ConflictError(
-                f"question {question_id} was already answered: {_clip(existing.answer)}",
-                {
-                    "question_id": str(question_id),
-                    "answer": existing.answer,
-                    "answered_at": existing.answered_at.isoformat()
-                    if existing.answered_at
-                    else None,
-                },
-            )
-        check_answer(answer, existing.choices)
-        row = await conn.fetchrow(
-            "UPDATE questions SET answer = $2, answered_at = now(), answered_by_uid = $3 "
-            f"WHERE question_id = $1 RETURNING {_QUESTION}",
-            question_id,
-            answer,
-            answered_by_uid,
+    if retry and (existing.answer, existing.answered_by_uid) == (answer, answered_by_uid):
+        return existing
+    if existing.is_answered:
+        raise ConflictError(
+            f"question {question_id} was already answered: {_clip(existing.answer)}",
+            {
+                "question_id": str(question_id),
+                "answer": existing.answer,
+                "answered_at": existing.answered_at.isoformat() if existing.answered_at else None,
+            },
         )
-        await conn.fetchval(_REMOVE_QUESTION, existing.supervisor_id, str(question_id))
-        if state is not None:
-            await conn.execute(
-                f"UPDATE supervisor_states SET state = $2, {_BUMP} WHERE supervisor_id = $1",
-                existing.supervisor_id,
-                state.value,
-            )
-    assert row is not None
-    return QuestionRecord.from_row(row)
+    check_answer(answer, existing.choices)  # raises: not acceptable, or not a choice
+    raise MakimaError(f"question {question_id} was not answered, for no reason found")
 
 
 def _clip(text: str | None, limit: int = 60) -> str:
@@ -921,14 +1106,22 @@ async def get_undelivered_answers(db: Db, supervisor_id: uuid.UUID) -> list[Ques
     return [QuestionRecord.from_row(r) for r in rows]
 
 
+ANSWER_DELIVERED: Statement[bool] = Statement(
+    "answer_delivered",
+    "WITH d AS (UPDATE questions SET delivered_at = now() "
+    "WHERE question_id = $1 AND answer IS NOT NULL AND delivered_at IS NULL RETURNING 1) "
+    "SELECT EXISTS (SELECT 1 FROM d) AS delivered",
+    lambda row: bool(row["delivered"]),
+)
+
+
+def answer_delivered(question_id: uuid.UUID) -> Bound[bool]:
+    return Bound(ANSWER_DELIVERED, (question_id,))
+
+
 async def mark_answer_delivered(db: Db, question_id: uuid.UUID) -> bool:
     """The agent has the answer. True the first time only."""
-    value = await db.fetchval(
-        "UPDATE questions SET delivered_at = now() "
-        "WHERE question_id = $1 AND answer IS NOT NULL AND delivered_at IS NULL RETURNING 1",
-        question_id,
-    )
-    return value is not None
+    return await answer_delivered(question_id).run(db)
 
 
 async def increment_redelivery_count(db: Db, question_ids: Sequence[uuid.UUID]) -> int:

@@ -14,8 +14,8 @@
 10. resume from the last state; ``mark_supervisor_restored``.
 
 Decisions are pure (``makima.validation``); this module loads, writes and hands
-back plans: it knows the database, the event bus and the configuration, never the
-daemon. Launching a plan is the runner's (``makima.runner``).
+back plans: it knows the store (makima.store), the event bus and the
+configuration, never the daemon. Launching a plan is the runner's (``makima.runner``).
 
 One supervisor's restoration failing in an unexpected way fails that supervisor
 alone (its plan becomes ``mark_failed``); the others are restored as usual.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,9 +33,7 @@ from typing import Any
 import anyio
 import structlog
 
-from makima import repository as repo
 from makima.config import TaskRestartPolicy
-from makima.database import Database, Pool, told_of_retries
 from makima.errors import InvalidValueError, MakimaError, NotFoundError, crash_reason
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
@@ -51,9 +48,20 @@ from makima.model import (
     SupervisorRestorationContext,
     SupervisorState,
     TaskRecord,
+    TaskStatus,
 )
 from makima.model import (
     SupervisorStateEnum as S,
+)
+from makima.store import (
+    AnswersDelivered,
+    QuestionRowsRepaired,
+    QuestionsRedelivered,
+    RestorationsCounted,
+    StateRestored,
+    Store,
+    TasksEnded,
+    TasksRequeued,
 )
 from makima.supervisor import Supervisor, question_event_fields
 from makima.tasks import stop_orphaned_tasks
@@ -74,9 +82,9 @@ HISTORY_LIMIT = 50
 
 @dataclass(frozen=True, slots=True)
 class Restorer:
-    """What restoration works with: the database, the event bus and the settings."""
+    """What restoration works with: the store, the event bus and the settings."""
 
-    db: Database
+    store: Store
     bus: EventBus
     task_restart_policy: TaskRestartPolicy
     faults: FaultHook = field(default_factory=lambda: FaultHook(None))
@@ -134,33 +142,24 @@ async def load(
     restorer: Restorer, supervisor_ids: Sequence[uuid.UUID] | None = None
 ) -> list[LoadedSupervisor]:
     """Load unfinished supervisors in bulk (all of them, or the ones named)."""
-    db = restorer.db
-    rows = await db.save(repo.load_unfinished_supervisor_states, "restore_load")
+    store = restorer.store
+    rows = await store.load_unfinished_states()
     states = {sid: value for sid, value in rows}
     if supervisor_ids is None:
-        without_state = await db.save(repo.get_specs_without_state, "restore_load")
+        without_state = await store.load_specs_without_state()
         ids = [*states, *(s.supervisor_id for s in without_state)]
     else:
         ids = list(supervisor_ids)
         missing = [i for i in ids if i not in states]
         if missing:
             for spec_id in missing:
-                state = await db.save(
-                    functools.partial(
-                        repo.get_supervisor_state_for_restoration, supervisor_id=spec_id
-                    ),
-                    "restore_load",
-                )
+                state = await store.load_state(spec_id)
                 if state is not None:
                     states[spec_id] = state
-    specs = await db.save(lambda pool: repo.get_supervisor_specs(pool, ids), "restore_load")
-    tasks = await db.save(lambda pool: repo.get_tasks_for_supervisors(pool, ids), "restore_load")
-    questions = await db.save(
-        lambda pool: repo.get_questions_for_supervisors(pool, ids), "restore_load"
-    )
-    checkpointed = await db.save(
-        lambda pool: repo.get_checkpointed_supervisors(pool, ids), "restore_load"
-    )
+    specs = await store.load_specs(ids)
+    tasks = await store.load_tasks(ids)
+    questions = await store.load_questions(ids)
+    checkpointed = await store.load_checkpointed(ids)
     loaded: list[LoadedSupervisor] = []
     for sid in ids:
         spec = specs.get(sid)
@@ -193,7 +192,7 @@ async def load_guarded(
         log.warning("restoration.bulk_load_failed", error=str(exc))
     ids = supervisor_ids
     if ids is None:
-        ids = await restorer.db.save(repo.get_unfinished_supervisor_ids, "restore_load")
+        ids = await restorer.store.load_unfinished_ids()
     loaded: list[LoadedSupervisor] = []
     unreadable: list[tuple[uuid.UUID, str]] = []
     for sid in ids:
@@ -213,7 +212,7 @@ async def fail_unreadable(restorer: Restorer, supervisor_id: uuid.UUID, reason: 
         fresh_state(supervisor_id, None), state=S.FAILED, error_message=reason
     )
     try:
-        await _save_state(restorer.db, state)
+        await restorer.store.restore_state(StateRestored(state))
     except MakimaError as exc:
         log.warning(
             "restoration.failed_state_not_saved", supervisor_id=str(supervisor_id), error=str(exc)
@@ -224,7 +223,7 @@ async def fail_unreadable(restorer: Restorer, supervisor_id: uuid.UUID, reason: 
 
 
 async def plan(restorer: Restorer, loaded: LoadedSupervisor, source: RestorationSource) -> Plan:
-    db = restorer.db
+    store = restorer.store
     sid = loaded.spec.supervisor_id
     restorer.faults.reached(SavePoint.RESTORE, Moment.BEFORE_COMMIT, loaded.spec.name)
     validation = validate_supervisor_state(loaded)
@@ -247,9 +246,7 @@ async def plan(restorer: Restorer, loaded: LoadedSupervisor, source: Restoration
     elif action is StateRecoveryAction.REVERT_TO_CHECKPOINT:
         checkpoint = None
         try:
-            checkpoint = await db.save(
-                lambda pool: repo.get_latest_supervisor_checkpoint(pool, sid), "restore_load"
-            )
+            checkpoint = await store.load_latest_checkpoint(sid)
         except InvalidValueError as exc:
             log.warning("restoration.checkpoint_unreadable", supervisor_id=str(sid), error=str(exc))
         if checkpoint is None:
@@ -277,9 +274,7 @@ async def plan(restorer: Restorer, loaded: LoadedSupervisor, source: Restoration
     rerun = restorer.task_restart_policy is TaskRestartPolicy.RERUN
     if rerun and loaded.state is not None:
         since = loaded.state.last_restored_at
-        requeued = await db.save(
-            lambda pool: repo.requeue_interrupted_tasks(pool, sid, since), "restore_tasks"
-        )
+        requeued = await store.requeue_tasks(TasksRequeued(sid, since))
         by_id = {t.task_id: t for t in requeued}
         result.tasks = [by_id.get(t.task_id, t) for t in result.tasks]
     unfinished = [t for t in result.tasks if not t.status.is_finished]
@@ -289,9 +284,7 @@ async def plan(restorer: Restorer, loaded: LoadedSupervisor, source: Restoration
         if rerun:
             result.rerun = unfinished
         else:
-            interrupted = await db.save(
-                lambda pool: repo.interrupt_unfinished_tasks(pool, sid), "restore_tasks"
-            )
+            interrupted = await store.end_tasks(TasksEnded(sid, TaskStatus.INTERRUPTED))
             by_id = {t.task_id: t for t in interrupted}
             result.tasks = [by_id.get(t.task_id, t) for t in result.tasks]
     # Step 10's "resume from the last state", settled against the pending work.
@@ -303,9 +296,7 @@ async def plan(restorer: Restorer, loaded: LoadedSupervisor, source: Restoration
             error_message=result.state.error_message if settled is S.BLOCKED else None,
         )
     # Steps 6 and 7: history, answers that never reached the agent.
-    result.history = await db.save(
-        lambda pool: repo.get_supervisor_messages(pool, sid, HISTORY_LIMIT), "restore_load"
-    )
+    result.history = await store.load_history(sid, HISTORY_LIMIT)
     answered = {
         q.question_id: q for q in questions if q.answer is not None and q.delivered_at is None
     }
@@ -321,9 +312,8 @@ async def _repaired(
 ) -> SupervisorState:
     missing = questions_to_record(state, questions)
     if missing:
-        await restorer.db.save(
-            lambda pool: repo.record_question_rows(pool, state.supervisor_id, missing),
-            "restore_repair",
+        await restorer.store.repair_question_rows(
+            QuestionRowsRepaired(state.supervisor_id, tuple(missing))
         )
         questions.extend(
             QuestionRecord(q.id, state.supervisor_id, q.question, q.choices, q.context, q.asked_at)
@@ -362,10 +352,10 @@ async def plan_guarded(
 async def write(restorer: Restorer, plans: list[Plan]) -> None:
     """Save each decided state, then count the restorations (in bulk). A state that
     cannot be saved fails its own supervisor (the crash boundary), not the others."""
-    db = restorer.db
+    store = restorer.store
     for index, p in enumerate(plans):
         try:
-            version = await _save_state(db, p.state)
+            version = await store.restore_state(StateRestored(p.state))
         except Exception as exc:
             if p.crash is None:
                 log.exception(
@@ -376,7 +366,7 @@ async def write(restorer: Restorer, plans: list[Plan]) -> None:
                 )
                 p = plans[index] = crashed_plan(p.loaded, p.source, exc)
                 try:
-                    version = await _save_state(db, p.state)
+                    version = await store.restore_state(StateRestored(p.state))
                 except Exception as second:  # noqa: BLE001 - the crash boundary
                     exc = second
                 else:
@@ -396,10 +386,7 @@ async def write(restorer: Restorer, plans: list[Plan]) -> None:
         saved = {p.supervisor_id: p.state.version for p in launched if p.source is source}
         # Counted once even when retried after a commit whose reply was lost: a retry
         # leaves the rows whose version moved past the one just saved.
-        counts = await db.save(
-            told_of_retries(functools.partial(_mark_restored, ids=ids, source=source, saved=saved)),
-            "restore_mark",
-        )
+        counts = await store.count_restorations(RestorationsCounted(tuple(ids), source, saved))
         for p in launched:
             if p.supervisor_id in counts:
                 p.restoration_count, version = counts[p.supervisor_id]
@@ -419,23 +406,6 @@ async def write(restorer: Restorer, plans: list[Plan]) -> None:
             p.validation,
             p.restoration_count,
         )
-
-
-async def _save_state(db: Database, state: SupervisorState) -> int:
-    return await db.save(
-        functools.partial(repo.save_supervisor_state_full, state=state), "restore_state"
-    )
-
-
-def _mark_restored(
-    pool: Pool,
-    retry: bool,
-    *,
-    ids: Sequence[uuid.UUID],
-    source: RestorationSource,
-    saved: dict[uuid.UUID, int],
-) -> Awaitable[dict[uuid.UUID, tuple[int, int]]]:
-    return repo.mark_supervisors_restored(pool, ids, source, unless_past=saved if retry else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -591,18 +561,13 @@ def after_start(
     rerun = list(p.rerun)
 
     async def run() -> None:
-        db = restorer.db
+        store = restorer.store
         if inline:
-            await db.save(
-                lambda pool: repo.mark_answers_delivered(pool, inline), "answer_delivered"
-            )
+            await store.deliver_answers(AnswersDelivered(tuple(inline)))
         for record in payload.answers_after:
             await supervisor.deliver_answer(record)
         if pending:
-            await db.save(
-                lambda pool: repo.increment_redelivery_count(pool, [q.id for q in pending]),
-                "redelivery",
-            )
+            await store.count_redeliveries(QuestionsRedelivered(tuple(q.id for q in pending)))
             for question in pending:
                 restorer.bus.publish(
                     EventKind.QUESTION_REDELIVERED,

@@ -20,7 +20,6 @@ import anyio
 import anyio.abc
 import structlog
 
-from makima import repository as repo
 from makima.agent import (
     Activity,
     AgentMessage,
@@ -47,7 +46,6 @@ from makima.agent import (
     task_finished_message,
     tasks_done_message,
 )
-from makima.database import Database, Pool, told_of_retries
 from makima.errors import IllegalTransitionError, InvalidValueError, MakimaError, TooLargeError
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
@@ -71,6 +69,20 @@ from makima.model import (
     SupervisorStateEnum,
     TaskRecord,
     TaskStatus,
+)
+from makima.store import (
+    AnswersDelivered,
+    CheckpointSaved,
+    MessageAdded,
+    PhaseChange,
+    QuestionAnswered,
+    QuestionAsked,
+    StateChange,
+    Store,
+    TaskFinished,
+    TasksEnded,
+    TaskSpawned,
+    TaskStarted,
 )
 from makima.tasks import TaskOutcome, run_task
 from makima.transitions import Event, is_allowed, transition
@@ -139,7 +151,7 @@ class Supervisor:
         spec: SupervisorSpec,
         state: SupervisorState,
         *,
-        db: Database,
+        store: Store,
         bus: EventBus,
         faults: FaultHook,
         grace: float = 5.0,
@@ -148,7 +160,7 @@ class Supervisor:
     ) -> None:
         self.spec = spec
         self.state = state
-        self.db = db
+        self.store = store
         self.bus = bus
         self.faults = faults
         self.grace = grace
@@ -185,14 +197,16 @@ class Supervisor:
 
     # ----------------------------------------------------------------- save points
 
-    async def _save(self, point: SavePoint, operation: Callable[[Pool], Awaitable[T]]) -> T:
+    async def _save(self, point: SavePoint, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one store call as the save point ``point``: the fault hook's moments
+        around it, and the count for heartbeats."""
         counted = point not in _OTHER_TABLES  # for after_heartbeat
         if counted:
             self._saves += 1
             self._saving += 1
         try:
             self.faults.reached(point, Moment.BEFORE_COMMIT, self.spec.name)
-            result = await self.db.save(operation, point.value)
+            result = await operation()
             self.faults.reached(point, Moment.AFTER_COMMIT, self.spec.name)
         finally:
             if counted:
@@ -209,12 +223,7 @@ class Supervisor:
         """Apply ``event`` (and field updates), save it, then announce a state change."""
         old = self.state
         new = dataclasses.replace(old, state=transition(old.state, event), **fields)
-        version = await self._save(
-            point,
-            lambda pool: repo.update_supervisor_detailed_state(
-                pool, self.id, new.state, new.current_activity, new.progress, new.error_message
-            ),
-        )
+        version = await self._save(point, lambda: self.store.change_state(StateChange.of(new)))
         if version is not None:
             new = dataclasses.replace(new, version=version)
         self.state = new
@@ -419,20 +428,13 @@ class Supervisor:
                     old, state=SupervisorStateEnum.FAILED, error_message=reason
                 )
                 self.state = new  # in memory first: whatever the database says next
-                version = await self.db.save(
-                    lambda pool: repo.update_supervisor_detailed_state(
-                        pool, self.id, new.state, new.current_activity, new.progress, reason
-                    ),
-                    "crash",
-                )
+                version = await self.store.change_state(StateChange.of(new))
                 if version is not None:
                     self.state = dataclasses.replace(new, version=version)
                 self._announce_state(old.state)
             for scope in self._running_tasks.values():
                 scope.cancel()
-            await self.db.save(
-                lambda pool: repo.cancel_unfinished_tasks(pool, self.id), "crash_tasks"
-            )
+            await self.store.end_tasks(TasksEnded(self.id, TaskStatus.CANCELLED))
 
     async def _send_held_answers(self) -> None:
         held = list(self._held_answers.values())
@@ -446,9 +448,7 @@ class Supervisor:
             if self.state.state.is_unfinished:
                 await self._change(Event.RESTORE_FAILED, error_message=reason)
             # Tasks put back to pending for a re-run that will not come.
-            await self.db.save(
-                lambda pool: repo.cancel_unfinished_tasks(pool, self.id), "give_up_tasks"
-            )
+            await self.store.end_tasks(TasksEnded(self.id, TaskStatus.CANCELLED))
 
     async def rerun_task(self, task: TaskRecord) -> None:
         """Start again a task that was running when the agent or daemon stopped."""
@@ -519,7 +519,7 @@ class Supervisor:
                 _fits("a message", {"role": role, "content": content}, MESSAGE_LIMIT)
                 seq = await self._save(
                     SavePoint.MESSAGE,
-                    lambda pool: repo.append_supervisor_message(pool, self.id, role, content),
+                    lambda: self.store.add_message(MessageAdded(self.id, role, content)),
                 )
                 return {"seq": seq}, None
             case Checkpoint(data=data):
@@ -565,7 +565,7 @@ class Supervisor:
         old = self.state
         new = dataclasses.replace(old, phase=phase, state=transition(old.state, Event.ACTIVITY))
         version = await self._save(
-            SavePoint.PHASE, lambda pool: repo.record_phase_change(pool, new)
+            SavePoint.PHASE, lambda: self.store.change_phase(PhaseChange(new))
         )
         self.state = dataclasses.replace(new, version=version)
         self._announce_state(old.state)
@@ -578,7 +578,7 @@ class Supervisor:
             old, checkpoint_data=data, state=transition(old.state, Event.ACTIVITY)
         )
         version = await self._save(
-            SavePoint.CHECKPOINT, lambda pool: repo.record_agent_checkpoint(pool, new)
+            SavePoint.CHECKPOINT, lambda: self.store.save_checkpoint(CheckpointSaved(new))
         )
         self.state = dataclasses.replace(new, version=version)
         self._announce_state(old.state)
@@ -586,9 +586,7 @@ class Supervisor:
 
     async def _history_page(self, before: int | None, limit: int) -> dict[str, Any]:
         """Older history for an agent paging back (newest first, to fit one line)."""
-        records = await self.db.query(
-            lambda pool: repo.get_supervisor_messages(pool, self.id, limit + 1, before=before)
-        )
+        records = await self.store.get_messages(self.id, limit + 1, before=before)
         kept, cut = fit_newest([m.to_json() for m in records[-limit:]])
         more = cut or len(records) > limit
         return {"messages": kept, "more": more}
@@ -617,7 +615,7 @@ class Supervisor:
         )
         target = transition(old.state, Event.ASK)
         version = await self._save(
-            SavePoint.ASK, lambda pool: repo.record_question_asked(pool, self.id, question, target)
+            SavePoint.ASK, lambda: self.store.ask_question(QuestionAsked(self.id, question, target))
         )
         self.state = dataclasses.replace(
             self.state,
@@ -644,13 +642,22 @@ class Supervisor:
             cwd=message.cwd or self.spec.cwd,
             env=dict(message.env),
         )
-        target = transition(self.state.state, Event.SPAWN)
-        created = await self._save(SavePoint.SPAWN, lambda pool: repo.create_task(pool, task))
-        self.state = dataclasses.replace(
-            self.state, spawned_task_ids=(*self.state.spawned_task_ids, task.task_id)
+        old = self.state
+        target = transition(old.state, Event.SPAWN)
+        # One save point: the task's row, the supervisor's list and, if it moves, its state.
+        created, version = await self._save(
+            SavePoint.SPAWN,
+            lambda: self.store.spawn_task(
+                TaskSpawned(task, None if target is old.state else target)
+            ),
         )
-        if target is not self.state.state:
-            await self._change(Event.SPAWN)
+        self.state = dataclasses.replace(
+            old,
+            state=target,
+            spawned_task_ids=(*old.spawned_task_ids, task.task_id),
+            version=version,
+        )
+        self._announce_state(old.state)
         scope = anyio.CancelScope()
         self._running_tasks[task.task_id] = scope
         task_group = self._task_group
@@ -708,9 +715,7 @@ class Supervisor:
     async def _run_task(self, task: TaskRecord, scope: anyio.CancelScope) -> None:
         outcome: TaskOutcome | None = None
         try:
-            await self.db.save(
-                lambda pool: repo.mark_task_running(pool, task.task_id), "task_start"
-            )
+            await self.store.start_task(TaskStarted(task.task_id))
             with scope:
                 outcome = await run_task(
                     task.command, cwd=task.cwd, env=task.env, task_id=str(task.task_id)
@@ -730,8 +735,8 @@ class Supervisor:
     async def _task_finished(self, task: TaskRecord, outcome: TaskOutcome) -> None:
         finished = await self._save(
             SavePoint.TASK_FINISHED,
-            lambda pool: repo.finish_task(
-                pool, task.task_id, outcome.status, outcome.exit_code, outcome.output_tail
+            lambda: self.store.finish_task(
+                TaskFinished(task.task_id, outcome.status, outcome.exit_code, outcome.output_tail)
             ),
         )
         log.info(
@@ -786,10 +791,8 @@ class Supervisor:
                 target = transition(old.state, Event.ANSWERED)
             record = await self._save(
                 SavePoint.ANSWER,
-                told_of_retries(
-                    lambda pool, retry: repo.answer_question(
-                        pool, question_id, answer, uid, state=target, retry=retry
-                    )
+                lambda: self.store.answer_question(
+                    QuestionAnswered(question_id, answer, uid, target)
                 ),
             )
             self.state = dataclasses.replace(
@@ -821,7 +824,5 @@ class Supervisor:
         if not await self.agent.send(answer_message(str(qid), record.answer)):
             self._given.discard(qid)
             return False
-        await self.db.save(
-            lambda pool: repo.mark_answer_delivered(pool, record.question_id), "answer_delivered"
-        )
+        await self.store.deliver_answers(AnswersDelivered((record.question_id,)))
         return True

@@ -1,7 +1,7 @@
 """Pure decisions of restoration: is a loaded state valid, what to do when it
 is not, how to repair it, and the briefing an agent reads when it comes back.
 
-No I/O: everything here takes values loaded by the repository and returns
+No I/O: everything here takes values loaded by the store and returns
 values the restoration flow writes.
 """
 
@@ -42,7 +42,7 @@ class LoadedSupervisor:
 
 
 def task_consistency(state: SupervisorState, tasks: Sequence[TaskRecord]) -> SpawnedTaskConsistency:
-    """In-memory twin of ``repository.validate_spawned_tasks``."""
+    """In-memory twin of the SQL check ``validate_spawned_tasks``."""
     listed = dict.fromkeys(state.spawned_task_ids)  # ordered and O(1) to look up
     present = {t.task_id for t in tasks}
     return SpawnedTaskConsistency(

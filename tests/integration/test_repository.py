@@ -14,6 +14,7 @@ from makima.database import Database, is_connection_error
 from makima.errors import (
     ConflictError,
     InvalidAnswerError,
+    InvalidValueError,
     NotFoundError,
     SavePointRefusedError,
 )
@@ -435,3 +436,74 @@ def test_only_connection_failures_are_retried() -> None:
     assert not is_connection_error(asyncpg.exceptions.CharacterNotInRepertoireError())
     assert not is_connection_error(asyncpg.exceptions.UnsupportedClientFeatureError("x"))
     assert not is_connection_error(ValueError("x"))
+
+
+async def test_save_points_are_single_statements_that_pipeline(pool: asyncpg.Pool) -> None:
+    """Every batchable save point returns exactly one row per execution, also when it
+    writes nothing, so that many go in one pipeline (fetchmany) and row i is call i's."""
+    sid = await new_supervisor(pool)
+    ghost = uuid.uuid4()
+    bounds = [
+        repo.state_change(sid, S.WORKING, "a", 1),
+        repo.state_change(ghost, S.WORKING, "b", 2),  # no such supervisor: a NULL version
+        repo.state_change(sid, S.IDLE, "c", 3),
+    ]
+    async with pool.acquire() as conn:
+        rows = await conn.fetchmany(bounds[0].sql, [b.args for b in bounds])
+    assert [b.decode(r) for b, r in zip(bounds, rows, strict=True)] == [1, None, 2]
+    for bound in (
+        repo.task_started(uuid.uuid4()),
+        repo.task_finished(uuid.uuid4(), TaskStatus.FAILED, 1, ""),
+        repo.answer_delivered(uuid.uuid4()),
+    ):
+        assert await bound.run(pool) in (None, False)
+    with pytest.raises(NotFoundError, match=str(ghost)):
+        await repo.phase_change(SupervisorState(supervisor_id=ghost)).run(pool)
+
+
+async def test_phase_change_and_checkpoint_write_both_rows_in_one_statement(
+    pool: asyncpg.Pool,
+) -> None:
+    sid = await new_supervisor(pool)
+    snapshot = SupervisorState(supervisor_id=sid, state=S.WORKING, phase="build", progress=10)
+    assert await repo.record_phase_change(pool, snapshot) == 1
+    with_data = SupervisorState(supervisor_id=sid, state=S.WORKING, checkpoint_data={"k": 1})
+    assert await repo.record_agent_checkpoint(pool, with_data) == 2
+    rows = await pool.fetch(
+        "SELECT seq, reason FROM supervisor_checkpoints WHERE supervisor_id = $1 ORDER BY seq",
+        sid,
+    )
+    assert [(r["seq"], r["reason"]) for r in rows] == [(1, "phase_change"), (2, "explicit")]
+    state = await repo.get_supervisor_state_for_restoration(pool, sid)
+    assert state is not None and (state.phase, state.checkpoint_data) == ("build", {"k": 1})
+
+
+async def test_a_spawn_with_a_new_state_is_one_save_point(pool: asyncpg.Pool) -> None:
+    sid = await new_supervisor(pool)
+    task = TaskRecord(uuid.uuid4(), sid, "t", ("true",))
+    record, version = await repo.task_spawned(task, S.WORKING).run(pool)
+    assert record.task_id == task.task_id and version == 1
+    again, version = await repo.task_spawned(task).run(pool)  # idempotent by id
+    assert again == record and version == 2
+    state = await repo.get_supervisor_state_for_restoration(pool, sid)
+    assert state is not None and state.state is S.WORKING
+    assert state.spawned_task_ids == (task.task_id,)
+
+
+async def test_an_answer_retried_after_a_lost_reply_finds_its_own_commit(
+    pool: asyncpg.Pool,
+) -> None:
+    sid = await new_supervisor(pool)
+    q = question()
+    await repo.record_question_asked(pool, sid, q, S.WAITING_FOR_USER)
+    first = await repo.answer_question(pool, q.id, "yes", 5, state=S.WORKING)
+    again = await repo.answer_question(pool, q.id, "yes", 5, state=S.WORKING, retry=True)
+    assert (again.answer, again.answered_at) == ("yes", first.answered_at)
+    with pytest.raises(ConflictError):  # another uid's same text is a second answer
+        await repo.answer_question(pool, q.id, "yes", 6, retry=True)
+    other = question(choices=())
+    await repo.record_question_asked(pool, sid, other, S.WAITING_FOR_USER)
+    with pytest.raises(InvalidValueError, match="non-empty"):
+        await repo.answer_question(pool, other.id, "  ", 5)
+    record = await repo.get_question(pool, other.id)
+    assert record is not None and record.answer is None

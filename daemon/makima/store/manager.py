@@ -1,0 +1,348 @@
+"""The store: every read and write makima makes, one method each, over
+makima.repository (the only module that imports it; procrastinate's manager).
+
+Writes take a typed command (:mod:`makima.store.commands`) and are save points:
+they wait for the database while it is away (never dropped), and a value the
+database refuses raises SavePointRefusedError. Reads come in two kinds: the
+ones a person's request makes fail fast with DatabaseUnavailableError while the
+database is away; restoration's loads (``load_*``) wait for it like a save point.
+
+**Every write passes through** :meth:`Store._write`. It is the one place where
+a check common to all writes belongs: the lease and fencing check of several daemons sharing one database (the
+supervisor's ``owner_daemon_id`` and ``lease_epoch``) goes there. ``_write``
+tries each save point once, on the fast path (for the kinds that can be
+batched, through the group committer, :mod:`makima.store.committer`); only a
+connection error sends it into the retry machinery (``Database.save``), where
+each later attempt is told it is a retry, so that a save point that is not
+naturally repeatable recognises its own commit (an answer, a restoration count).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from makima import repository as repo
+from makima.database import Database, Db
+from makima.errors import InvalidValueError
+from makima.model import (
+    CheckpointRecord,
+    MessageRecord,
+    QuestionRecord,
+    SupervisorSpec,
+    SupervisorState,
+    SupervisorStateEnum,
+    TaskRecord,
+)
+from makima.store.commands import (
+    AnswersDelivered,
+    CheckpointSaved,
+    DaemonRegistered,
+    DaemonSeen,
+    Heartbeats,
+    MessageAdded,
+    PhaseChange,
+    QuestionAnswered,
+    QuestionAsked,
+    QuestionRowsRepaired,
+    QuestionsRedelivered,
+    RestorationsCounted,
+    StateChange,
+    StateRestored,
+    SupervisorCreated,
+    TaskFinished,
+    TasksEnded,
+    TaskSpawned,
+    TasksRequeued,
+    TaskStarted,
+)
+from makima.store.committer import Committer, Job
+
+T = TypeVar("T")
+Operation = Callable[[Db, bool], Awaitable[T]]  # (pool, is this attempt a retry?)
+
+
+class Store:
+    """One method per save point and per read; see the module docstring."""
+
+    def __init__(self, db: Database, *, group_commit: bool = True) -> None:
+        self.db = db
+        self.committer: Committer | None = Committer(db.pool) if group_commit else None
+
+    # ----------------------------------------------------------------- the one write path
+
+    async def _write(
+        self,
+        what: str,
+        operation: Operation[T],
+        job: Job[T] | None = None,
+        *,
+        wait: bool = True,
+    ) -> T:
+        """Every write passes here (the lease and fencing check of several daemons goes here).
+
+        Once on the fast path (``job`` through the group committer when there is
+        one), then, only after a connection error, with retries (each attempt
+        told it is a retry). ``wait=False``: a write a person waits for, which
+        fails fast with DatabaseUnavailableError while the database is away.
+        """
+        if not wait:
+            return await self.db.query(lambda pool: operation(pool, False))
+        attempts = 0
+        committer = self.committer if job is not None else None
+
+        async def attempt(pool: Db) -> T:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1 and committer is not None and job is not None:
+                return await committer.submit(job)
+            return await operation(pool, attempts > 1)
+
+        return await self.db.save(attempt, what)
+
+    async def _batched(self, what: str, bound: repo.Bound[T]) -> T:
+        async def alone(pool: Db, retry: bool) -> T:
+            return await bound.run(pool)
+
+        return await self._write(what, alone, bound)
+
+    # ----------------------------------------------------------------- save points
+
+    async def change_state(self, command: StateChange) -> int | None:
+        """The row's new version; None when the supervisor has no state row."""
+        c = command
+        bound = repo.state_change(
+            c.supervisor_id, c.state, c.current_activity, c.progress, c.error_message
+        )
+        return await self._batched("state_change", bound)
+
+    async def change_phase(self, command: PhaseChange) -> int:
+        return await self._batched("phase", repo.phase_change(command.snapshot))
+
+    async def save_checkpoint(self, command: CheckpointSaved) -> int:
+        return await self._batched("checkpoint", repo.checkpoint_saved(command.snapshot))
+
+    async def add_message(self, command: MessageAdded) -> int:
+        """The message's ``seq``."""
+        c = command
+        return await self._batched(
+            "message", repo.message_added(c.supervisor_id, c.role, c.content)
+        )
+
+    async def ask_question(self, command: QuestionAsked) -> int:
+        c = command
+        bound = repo.question_asked(c.supervisor_id, c.question, c.state)
+        return await self._batched("ask", bound)
+
+    async def answer_question(self, command: QuestionAnswered) -> QuestionRecord:
+        """One statement from the call to the commit. NotFoundError, ConflictError
+        (the existing answer in ``data``), InvalidAnswerError as the repository says;
+        a retry recognises its own commit (the same answer by the same uid)."""
+        c = command
+
+        async def answer(pool: Db, retry: bool) -> QuestionRecord:
+            return await repo.answer_question(
+                pool, c.question_id, c.answer, c.answered_by_uid, state=c.state, retry=retry
+            )
+
+        return await self._write("answer", answer)
+
+    async def spawn_task(self, command: TaskSpawned) -> tuple[TaskRecord, int]:
+        """The task's row and the supervisor's new version."""
+        return await self._batched("spawn", repo.task_spawned(command.task, command.state))
+
+    async def start_task(self, command: TaskStarted) -> TaskRecord | None:
+        return await self._batched("task_start", repo.task_started(command.task_id))
+
+    async def finish_task(self, command: TaskFinished) -> TaskRecord | None:
+        c = command
+        bound = repo.task_finished(c.task_id, c.status, c.exit_code, c.output_tail)
+        return await self._batched("task_finished", bound)
+
+    async def end_tasks(self, command: TasksEnded) -> list[TaskRecord]:
+        sid, status = command.supervisor_id, command.status
+
+        async def end(pool: Db, retry: bool) -> list[TaskRecord]:
+            return await repo.end_unfinished_tasks(pool, sid, status)
+
+        return await self._write("end_tasks", end)
+
+    async def deliver_answers(self, command: AnswersDelivered) -> int:
+        """How many were marked delivered (each the first time only)."""
+        ids = command.question_ids
+        if len(ids) == 1:
+            delivered_one = await self._batched("answer_delivered", repo.answer_delivered(ids[0]))
+            return 1 if delivered_one else 0
+
+        async def delivered(pool: Db, retry: bool) -> int:
+            return await repo.mark_answers_delivered(pool, ids)
+
+        return await self._write("answer_delivered", delivered)
+
+    async def beat(self, command: Heartbeats) -> dict[uuid.UUID, tuple[int, bool]]:
+        """The heartbeat of every live supervisor (one statement; see the repository).
+        Not through the committer: it is already one statement for all."""
+        # In supervisor order, as every multi-row write locks rows.
+        beats = sorted(command.beats, key=lambda b: b.supervisor_id)
+
+        async def beat(pool: Db, retry: bool) -> dict[uuid.UUID, tuple[int, bool]]:
+            return await repo.update_supervisors_heartbeat_bulk(pool, beats)
+
+        return await self._write("heartbeat", beat)
+
+    # ----------------------------------------------------------------- restoration writes
+
+    async def restore_state(self, command: StateRestored) -> int:
+        state = command.state
+
+        async def save(pool: Db, retry: bool) -> int:
+            return await repo.save_supervisor_state_full(pool, state)
+
+        return await self._write("restore_state", save)
+
+    async def count_restorations(
+        self, command: RestorationsCounted
+    ) -> dict[uuid.UUID, tuple[int, int]]:
+        """Each supervisor's restoration count and row version. Counted once even when
+        retried after a commit whose reply was lost: a retry leaves the rows whose
+        version moved past the one saved."""
+        c = command
+
+        async def mark(pool: Db, retry: bool) -> dict[uuid.UUID, tuple[int, int]]:
+            return await repo.mark_supervisors_restored(
+                pool, c.supervisor_ids, c.source, unless_past=c.saved if retry else None
+            )
+
+        return await self._write("restore_mark", mark)
+
+    async def repair_question_rows(self, command: QuestionRowsRepaired) -> None:
+        c = command
+
+        async def repair(pool: Db, retry: bool) -> None:
+            await repo.record_question_rows(pool, c.supervisor_id, c.questions)
+
+        await self._write("restore_repair", repair)
+
+    async def requeue_tasks(self, command: TasksRequeued) -> list[TaskRecord]:
+        c = command
+
+        async def requeue(pool: Db, retry: bool) -> list[TaskRecord]:
+            return await repo.requeue_interrupted_tasks(pool, c.supervisor_id, c.since)
+
+        return await self._write("restore_tasks", requeue)
+
+    async def count_redeliveries(self, command: QuestionsRedelivered) -> int:
+        ids = command.question_ids
+
+        async def count(pool: Db, retry: bool) -> int:
+            return await repo.increment_redelivery_count(pool, ids)
+
+        return await self._write("redelivery", count)
+
+    # ----------------------------------------------------------------- daemon
+
+    async def register_daemon(self, command: DaemonRegistered) -> None:
+        c = command
+
+        async def register(pool: Db, retry: bool) -> None:
+            await repo.register_daemon(pool, c.daemon_id, c.host, c.pid)
+
+        await self._write("register_daemon", register)
+
+    async def touch_daemon(self, command: DaemonSeen) -> bool:
+        daemon_id = command.daemon_id
+
+        async def touch(pool: Db, retry: bool) -> bool:
+            return await repo.touch_daemon(pool, daemon_id)
+
+        return await self._write("daemon_heartbeat", touch)
+
+    async def create_supervisor(self, command: SupervisorCreated) -> SupervisorState:
+        """A person's request: it fails fast while the database is away."""
+        spec = command.spec
+
+        async def create(pool: Db, retry: bool) -> SupervisorState:
+            return await repo.create_supervisor(pool, spec)
+
+        return await self._write("create_supervisor", create, wait=False)
+
+    # ----------------------------------------------------------------- reads (fail fast)
+
+    async def get_supervisor(
+        self, supervisor_id: uuid.UUID
+    ) -> tuple[SupervisorSpec, SupervisorState | None] | None:
+        return await self.db.query(lambda pool: repo.get_supervisor(pool, supervisor_id))
+
+    async def list_supervisors(
+        self, *, include_finished: bool = False
+    ) -> list[tuple[SupervisorSpec, SupervisorState]]:
+        return await self.db.query(
+            lambda pool: repo.list_supervisors(pool, include_finished=include_finished)
+        )
+
+    async def count_supervisors_by_state(self) -> dict[SupervisorStateEnum, int]:
+        return await self.db.query(repo.count_supervisors_by_state)
+
+    async def list_open_questions(
+        self, supervisor_id: uuid.UUID | None = None
+    ) -> list[QuestionRecord]:
+        return await self.db.query(lambda pool: repo.list_open_questions(pool, supervisor_id))
+
+    async def get_question(self, question_id: uuid.UUID) -> QuestionRecord | None:
+        return await self.db.query(lambda pool: repo.get_question(pool, question_id))
+
+    async def get_tasks(self, supervisor_id: uuid.UUID) -> list[TaskRecord]:
+        return await self.db.query(lambda pool: repo.get_tasks_for_supervisor(pool, supervisor_id))
+
+    async def get_messages(
+        self, supervisor_id: uuid.UUID, limit: int | None = None, *, before: int | None = None
+    ) -> list[MessageRecord]:
+        return await self.db.query(
+            lambda pool: repo.get_supervisor_messages(pool, supervisor_id, limit, before=before)
+        )
+
+    # ----------------------------------------------------------------- restoration's loads (wait)
+
+    async def _load(self, operation: Callable[[Db], Awaitable[T]]) -> T:
+        return await self.db.save(operation, "restore_load")
+
+    async def load_unfinished_states(
+        self,
+    ) -> list[tuple[uuid.UUID, SupervisorState | InvalidValueError]]:
+        return await self._load(repo.load_unfinished_supervisor_states)
+
+    async def load_specs_without_state(self) -> list[SupervisorSpec]:
+        return await self._load(repo.get_specs_without_state)
+
+    async def load_unfinished_ids(self) -> list[uuid.UUID]:
+        return await self._load(repo.get_unfinished_supervisor_ids)
+
+    async def load_state(self, supervisor_id: uuid.UUID) -> SupervisorState | None:
+        return await self._load(
+            lambda pool: repo.get_supervisor_state_for_restoration(pool, supervisor_id)
+        )
+
+    async def load_specs(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, SupervisorSpec]:
+        return await self._load(lambda pool: repo.get_supervisor_specs(pool, ids))
+
+    async def load_tasks(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[TaskRecord]]:
+        return await self._load(lambda pool: repo.get_tasks_for_supervisors(pool, ids))
+
+    async def load_questions(
+        self, ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, list[QuestionRecord]]:
+        return await self._load(lambda pool: repo.get_questions_for_supervisors(pool, ids))
+
+    async def load_checkpointed(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        return await self._load(lambda pool: repo.get_checkpointed_supervisors(pool, ids))
+
+    async def load_latest_checkpoint(self, supervisor_id: uuid.UUID) -> CheckpointRecord | None:
+        return await self._load(
+            lambda pool: repo.get_latest_supervisor_checkpoint(pool, supervisor_id)
+        )
+
+    async def load_history(self, supervisor_id: uuid.UUID, limit: int) -> list[MessageRecord]:
+        return await self._load(
+            lambda pool: repo.get_supervisor_messages(pool, supervisor_id, limit)
+        )
