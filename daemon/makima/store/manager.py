@@ -8,8 +8,9 @@ ones a person's request makes fail fast with DatabaseUnavailableError while the
 database is away; restoration's loads (``load_*``) wait for it like a save point.
 
 **Every write passes through** :meth:`Store._write`. It is the one place where
-a check common to all writes belongs: the lease and fencing check of several daemons sharing one database (the
-supervisor's ``owner_daemon_id`` and ``lease_epoch``) goes there. ``_write``
+a check common to all writes belongs: the lease and fencing check of several
+daemons sharing one database (the supervisor's ``owner_daemon_id`` and
+``lease_epoch``) goes there. ``_write``
 tries each save point once, on the fast path (for the kinds that can be
 batched, through the group committer, :mod:`makima.store.committer`); only a
 connection error sends it into the retry machinery (``Database.save``), where
