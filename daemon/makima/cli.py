@@ -669,12 +669,17 @@ def status(as_json: bool, socket_path: Path | None) -> None:
 )
 @click.option("--answer", "preset", help="Answer the agent's question with this, without asking.")
 @click.option("--timeout", type=float, default=180.0, show_default=True)
-def demo(state_dir: Path | None, preset: str | None, timeout: float) -> None:
+@click.option(
+    "--claude",
+    is_flag=True,
+    help="Run Claude Code on a small goal instead (needs makima[claude] and an API key).",
+)
+def demo(state_dir: Path | None, preset: str | None, timeout: float, claude: bool) -> None:
     """Run the daemon on the embedded database with the example release agent."""
     from makima.demo import run_demo
 
     try:
-        code = eventloop.run(run_demo, state_dir, preset, timeout)
+        code = eventloop.run(run_demo, state_dir, preset, timeout, claude)
     except MakimaError as exc:
         fail(str(exc))
     sys.exit(code)

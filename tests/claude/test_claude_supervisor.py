@@ -197,3 +197,45 @@ async def test_overloaded_api_blocks(short_tmp: Path, db_params: ConnectParams) 
         assert len(rig.api.main_requests) == 1
         cancelled = await rig.cli("cancel", supervisor_id)
         assert cancelled.code == 0, cancelled
+
+
+async def test_lost_transcript_starts_a_seeded_session(
+    short_tmp: Path, db_params: ConnectParams
+) -> None:
+    question = {"question": "Which branch?", "choices": ["main", "dev"]}
+    script = [
+        Turn(Text("Let me ask about the branch."), ToolUse(ASK, question)),
+        # The new session asks again, in the same words: the open question answers it.
+        Turn(ToolUse(ASK, question)),
+        Turn(Text("Merged into the branch the person chose.")),
+    ]
+    async with claude_rig(short_tmp, db_params, script) as rig:
+        supervisor_id = await rig.start("merge", "Merge the feature branch")
+        asked = await rig.until_question()
+        first_session = rig.api.main_requests[0].headers["x-claude-code-session-id"]
+        await rig.daemon.kill()
+        transcripts = list((rig.home / ".claude" / "projects").rglob(f"{first_session}.jsonl"))
+        assert transcripts, "Claude Code saved no transcript to delete"
+        for transcript in transcripts:
+            transcript.unlink()
+        await rig.restart()
+
+        with anyio.fail_after(90):
+            seeded = await rig.api.wait_for_main(2)
+        assert seeded.headers["x-claude-code-session-id"] != first_session
+        [prompt] = [t for t in last_user_texts(seeded) if t.startswith("[makima]")]
+        assert "transcript is gone" in prompt
+        assert "Merge the feature branch" in prompt  # the goal
+        assert "Let me ask about the branch." in prompt  # the saved history
+        assert "restoration number 1" in prompt  # the context message
+        again = await rig.until_question()
+        assert again["question_id"] == asked["question_id"]
+        assert (await rig.cli("answer", asked["question_id"], "dev")).code == 0
+
+        final = await rig.until_state(supervisor_id, "completed", "failed")
+        assert final["state"] == "completed", final
+        last = rig.api.main_requests[-1]
+        [result] = tool_results(last, rig.api.tool_use_ids()[1])
+        assert tool_result_text(result) == "dev"
+        assert not any("answered your question" in t for t in user_texts(last))
+        assert len(await rig.questions()) == 0
