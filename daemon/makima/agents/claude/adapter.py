@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import uuid
 import warnings
@@ -272,7 +271,7 @@ class Adapter:
                         "tool_use": {
                             "id": block.id,
                             "name": block.name,
-                            "input": _bounded(block.input),
+                            "input": prompts.bounded(block.input),
                         }
                     },
                 )
@@ -291,7 +290,7 @@ class Adapter:
                     "tool",
                     {
                         "tool_use_id": block.tool_use_id,
-                        "content": _bounded(block.content),
+                        "content": prompts.bounded(block.content),
                         "is_error": bool(block.is_error),
                     },
                 )
@@ -393,11 +392,3 @@ def _not_resumable(end: TurnEnd) -> bool:
 
 def _clip(text: str, limit: int = ENTRY_TEXT_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _bounded(value: Any) -> Any:
-    """A tool input or result as saved: itself when small, else a clipped JSON text."""
-    if isinstance(value, str):
-        return _clip(value)
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return value if len(text) <= ENTRY_TEXT_LIMIT else {"clipped": _clip(text)}

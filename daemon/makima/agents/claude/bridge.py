@@ -278,11 +278,11 @@ class Bridge:
         return "ok"
 
     async def _done(self, args: dict[str, Any]) -> str:
-        self._request_finish(Finish(failed=False, result=args.get("result")))
+        self._request_finish(Finish(failed=False, result=prompts.bounded(args.get("result"))))
         return "Recorded: makima completes this supervisor when your turn ends. End your turn now."
 
     async def _fail(self, args: dict[str, Any]) -> str:
-        self._request_finish(Finish(failed=True, error=_string(args, "error")))
+        self._request_finish(Finish(failed=True, error=prompts.bounded(_string(args, "error"))))
         return "Recorded: makima fails this supervisor when your turn ends. End your turn now."
 
     def _request_finish(self, finish: Finish) -> None:

@@ -63,7 +63,17 @@ def answer_message(question_id: str, question: str, answer: str) -> str:
 
 
 def resumed_message(context_message: str) -> str:
-    return f"[makima] {context_message}"
+    """The restoration briefing as Claude's next message (less what only SDK agents use)."""
+    lines = [line for line in context_message.splitlines() if "restoration.checkpoint" not in line]
+    return "[makima] " + "\n".join(lines)
+
+
+def bounded(value: Any, limit: int = 32 * 1024) -> Any:
+    """A value as saved: itself when its JSON is small, else a clipped JSON text."""
+    if isinstance(value, str):
+        return _clip(value, limit)
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return value if len(text) <= limit else {"clipped": _clip(text, limit)}
 
 
 def seeded_prompt(goal: str, history: Iterable[Mapping[str, Any]], context_message: str) -> str:
