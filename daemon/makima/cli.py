@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+import structlog
 from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
@@ -28,6 +29,7 @@ from makima.drill import DrillSettings
 from makima.errors import InvalidValueError, MakimaError
 from makima.fuzz import FuzzSettings
 from makima.prompt import prompt_answer
+from makima.resources import raise_open_files_limit
 
 T = TypeVar("T")
 
@@ -222,6 +224,10 @@ def daemon(
             agent_restart_limit=agent_restart_limit,
             agent_restart_window=agent_restart_window,
             max_connections=max_connections,
+        )
+        files = raise_open_files_limit()
+        structlog.get_logger("makima.daemon").info(
+            "daemon.open_files_limit", before=files.before, now=files.after, hard=files.hard
         )
         sockets = listen_fds()
         the_daemon = Daemon(
