@@ -8,12 +8,14 @@ is away (the server maps both to JSON-RPC errors).
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
 from makima import __version__
+from makima.agents.claude import settings as claude
 from makima.config import DaemonConfig
 from makima.control.server import MethodNotFoundError, Peer, Reply, Stream
 from makima.database import Database
@@ -212,7 +214,7 @@ class ControlApi:
     # ----------------------------------------------------------------- supervisors
 
     async def create(self, peer: Peer, params: dict[str, Any]) -> Reply:
-        _only(params, {"name", "command", "goal", "cwd", "env"})
+        _only(params, {"name", "command", "goal", "cwd", "env", "claude"})
         name = _require(params, "name")
         goal = _optional_str(params, "goal") or ""
         if isinstance(name, str) and len(name) > NAME_LIMIT:
@@ -224,12 +226,19 @@ class ControlApi:
                 f"parameter 'goal' is {len(goal.encode())} bytes; the limit is {GOAL_LIMIT}"
             )
         try:
+            env = parse_env(params.get("env"))
+            if "claude" in params:
+                command = claude.agent_command(
+                    params, goal, env, python=sys.executable, environ=os.environ
+                )
+            else:
+                command = parse_command(_require(params, "command"))
             spec = SupervisorSpec.new(
                 name,
-                parse_command(_require(params, "command")),
+                command,
                 goal=goal,
                 cwd=_optional_str(params, "cwd"),
-                env=parse_env(params.get("env")),
+                env=env,
             )
         except InvalidValueError as exc:
             raise InvalidParamsError(str(exc)) from None

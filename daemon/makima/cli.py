@@ -16,17 +16,20 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+import structlog
 from rich.console import Console
 from rich.table import Column, Table
 from rich.text import Text
 
 from makima import __version__, eventloop, logs
+from makima.agents.claude.settings import ClaudeSettings, PermissionMode
 from makima.config import DaemonConfig, TaskRestartPolicy, client_socket_path
 from makima.control.client import ControlClient, DaemonNotRunningError, RemoteError
 from makima.drill import DrillSettings
-from makima.errors import MakimaError
+from makima.errors import InvalidValueError, MakimaError
 from makima.fuzz import FuzzSettings
 from makima.prompt import prompt_answer
+from makima.resources import raise_open_files_limit
 
 T = TypeVar("T")
 
@@ -222,6 +225,10 @@ def daemon(
             agent_restart_window=agent_restart_window,
             max_connections=max_connections,
         )
+        files = raise_open_files_limit()
+        structlog.get_logger("makima.daemon").info(
+            "daemon.open_files_limit", before=files.before, now=files.after, hard=files.hard
+        )
         sockets = listen_fds()
         the_daemon = Daemon(
             config,
@@ -266,8 +273,28 @@ def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("name")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--goal", default="", help="What the agent should achieve.")
+@click.option(
+    "--claude",
+    "claude_goal",
+    metavar="GOAL",
+    help="Run Claude Code on GOAL instead of a command (needs makima[claude]).",
+)
+@click.option("--model", help="With --claude: the model Claude Code uses.")
+@click.option(
+    "--permission-mode",
+    type=click.Choice([m.value for m in PermissionMode]),
+    help="With --claude: what Claude Code may do without asking (default: ask).",
+)
+@click.option(
+    "--allow-tool",
+    "allow_tools",
+    multiple=True,
+    metavar="TOOL",
+    help="With --claude: a tool (or rule such as 'Bash(git status)') allowed without asking.",
+)
+@click.option("--max-turns", type=click.IntRange(1, 10_000), help="With --claude: a turn limit.")
 @click.option(
     "--cwd",
     type=click.Path(file_okay=False),
@@ -279,13 +306,52 @@ def start(
     name: str,
     command: tuple[str, ...],
     goal: str,
+    claude_goal: str | None,
+    model: str | None,
+    permission_mode: str | None,
+    allow_tools: tuple[str, ...],
+    max_turns: int | None,
     cwd: str | None,
     env_pairs: tuple[str, ...],
     socket_path: Path | None,
 ) -> None:
-    """Start a supervisor running COMMAND:  makima start NAME -- CMD ARGS..."""
+    """Start a supervisor running COMMAND, or Claude Code on a goal.
+
+    \b
+      makima start NAME -- CMD ARGS...
+      makima start NAME --claude "GOAL" [--permission-mode ask|accept-edits|allow-all]
+    """
     env = _parse_env(env_pairs)
-    params: dict[str, Any] = {"name": name, "command": list(command), "goal": goal, "env": env}
+    params: dict[str, Any] = {"name": name, "goal": goal, "env": env}
+    claude_only = {
+        "--model": model,
+        "--permission-mode": permission_mode,
+        "--allow-tool": allow_tools or None,
+        "--max-turns": max_turns,
+    }
+    if claude_goal is not None:
+        if command:
+            raise click.UsageError("give either --claude GOAL or a COMMAND, not both")
+        if goal:
+            raise click.UsageError("with --claude, GOAL is the goal: leave out --goal")
+        try:
+            settings = ClaudeSettings(
+                model=model,
+                permission_mode=PermissionMode(permission_mode or PermissionMode.ASK),
+                allow_tools=allow_tools,
+                max_turns=max_turns,
+            )
+        except InvalidValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        params["goal"] = claude_goal
+        params["claude"] = settings.to_params()
+    else:
+        given = [flag for flag, value in claude_only.items() if value is not None]
+        if given:
+            raise click.UsageError(f"{given[0]} goes with --claude GOAL")
+        if not command:
+            raise click.UsageError("give the agent's COMMAND (after --) or --claude GOAL")
+        params["command"] = list(command)
     # Relative paths in the command mean what they mean where it was typed.
     params["cwd"] = os.path.abspath(cwd if cwd is not None else os.curdir)
     result = run_client(socket_path, lambda c: c.call("supervisor.create", params))
@@ -609,12 +675,17 @@ def status(as_json: bool, socket_path: Path | None) -> None:
 )
 @click.option("--answer", "preset", help="Answer the agent's question with this, without asking.")
 @click.option("--timeout", type=float, default=180.0, show_default=True)
-def demo(state_dir: Path | None, preset: str | None, timeout: float) -> None:
+@click.option(
+    "--claude",
+    is_flag=True,
+    help="Run Claude Code on a small goal instead (needs makima[claude] and an API key).",
+)
+def demo(state_dir: Path | None, preset: str | None, timeout: float, claude: bool) -> None:
     """Run the daemon on the embedded database with the example release agent."""
     from makima.demo import run_demo
 
     try:
-        code = eventloop.run(run_demo, state_dir, preset, timeout)
+        code = eventloop.run(run_demo, state_dir, preset, timeout, claude)
     except MakimaError as exc:
         fail(str(exc))
     sys.exit(code)

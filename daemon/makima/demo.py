@@ -25,6 +25,11 @@ from makima.prompt import prompt_answer
 console = Console(stderr=True, highlight=False)
 
 AGENT_MODULE = "makima.examples.release_manager"
+CLAUDE_GOAL = (
+    "You work in an empty scratch folder. Ask me with ask_user which of these file names "
+    "to use: notes.md, haiku.txt, poem.md. Write a short haiku about durable agents into "
+    "that file, then call done with the file name as the result."
+)
 
 
 def demo_state_dir(given: Path | None) -> Path:
@@ -53,7 +58,9 @@ def describe(event: dict[str, Any]) -> str | None:
     return None
 
 
-async def run_demo(state_dir: Path | None, preset: str | None, limit: float) -> int:
+async def run_demo(
+    state_dir: Path | None, preset: str | None, limit: float, claude: bool = False
+) -> int:
     directory = demo_state_dir(state_dir)
     directory.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
@@ -76,7 +83,8 @@ async def run_demo(state_dir: Path | None, preset: str | None, limit: float) -> 
             await tg.start(daemon.run)
             console.print(f"daemon ready; control socket {config.socket_path}")
             with anyio.move_on_after(limit) as deadline:
-                outcome = await _drive(config.socket_path, preset, interactive)
+                create = _claude_supervisor(directory) if claude else _release_supervisor()
+                outcome = await _drive(config.socket_path, create, preset, interactive)
             if deadline.cancelled_caught:
                 console.print(f"[red]the demo did not finish within {limit:.0f}s[/red]")
             daemon.request_shutdown()
@@ -86,21 +94,35 @@ async def run_demo(state_dir: Path | None, preset: str | None, limit: float) -> 
     return outcome
 
 
-async def _drive(socket_path: Path, preset: str | None, interactive: bool) -> int:
+def _release_supervisor() -> dict[str, Any]:
+    return {
+        "name": "release-1.0.0",
+        "goal": "Check, decide and publish release 1.0.0",
+        "command": [sys.executable, "-m", AGENT_MODULE, "--version", "1.0.0"],
+    }
+
+
+def _claude_supervisor(directory: Path) -> dict[str, Any]:
+    """Claude Code on a small goal, in a scratch folder of the demo's state directory."""
+    scratch = directory / "claude-scratch"
+    scratch.mkdir(exist_ok=True)
+    return {"name": "claude-demo", "goal": CLAUDE_GOAL, "claude": {}, "cwd": str(scratch)}
+
+
+async def _drive(
+    socket_path: Path, create: dict[str, Any], preset: str | None, interactive: bool
+) -> int:
     async with (
         ControlClient.connect(socket_path, timeout=30.0) as client,
         client.events() as events,
     ):
-        created = await client.call(
-            "supervisor.create",
-            {
-                "name": "release-1.0.0",
-                "goal": "Check, decide and publish release 1.0.0",
-                "command": [sys.executable, "-m", AGENT_MODULE, "--version", "1.0.0"],
-            },
-        )
+        try:
+            created = await client.call("supervisor.create", create)
+        except RemoteError as exc:  # e.g. no API key for --claude
+            console.print(f"makima: {exc.message}", markup=False)
+            return 1
         mine = created["supervisor_id"]
-        console.print(f"started supervisor {mine[:8]} running the example release manager\n")
+        console.print(f"started supervisor {mine[:8]} ({create['name']})\n")
         answered: set[str] = set()
         async for event in events:
             if event.get("supervisor_id") != mine:
@@ -126,8 +148,9 @@ async def _drive(socket_path: Path, preset: str | None, interactive: bool) -> in
                     return 1
             if kind == "supervisor.state_changed" and event["state"] in ("completed", "failed"):
                 body = await client.call("supervisor.get", {"supervisor_id": mine})
+                reason = f" ({body['error_message']})" if body.get("error_message") else ""
                 console.print(
-                    f"\nsupervisor {body['state']}: phase {body['phase']}, "
+                    f"\nsupervisor {body['state']}{reason}: phase {body['phase']}, "
                     f"{len(body['tasks'])} tasks, {body['progress']}%"
                 )
                 return 0 if body["state"] == "completed" else 1

@@ -763,6 +763,28 @@ class Agent:
         for task in restoration.tasks:
             self._tasks[task.task_id] = task
 
+    def take_restored_questions(self) -> list[OpenQuestion]:
+        """Take over the questions restored from before the restart.
+
+        For an agent that matches restored questions itself (an LLM adapter
+        that re-asks in other words, or relays the answers as messages): it
+        returns the open ones and stops :meth:`ask` from claiming any restored
+        question by its text. Their answers still come through
+        :meth:`wait_answer`. Answers recorded before the restart
+        (``undelivered_answers``) are dropped here: the restoration's
+        ``context_message`` already carries them, so each reaches the agent
+        exactly once.
+        """
+        restoration = self.start.restoration
+        self._restored_questions = []
+        if restoration is None:
+            return []
+        for undelivered in restoration.undelivered_answers:
+            self._answers.pop(undelivered.question_id, None)
+            self._returned.add(undelivered.question_id)
+        delivered = {a.question_id for a in restoration.undelivered_answers}
+        return [q for q in restoration.pending_questions if q.question_id not in delivered]
+
     def _claim_restored(self, question: str) -> str | None:
         for index, (text, question_id) in enumerate(self._restored_questions):
             if text == question:
