@@ -87,6 +87,7 @@ ALTER TABLE supervisor_states ADD COLUMN IF NOT EXISTS owner_daemon_id UUID;
 ALTER TABLE supervisor_states ADD COLUMN IF NOT EXISTS lease_epoch BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE supervisor_states ADD COLUMN IF NOT EXISTS created_at TIMESTAMPTZ NOT NULL DEFAULT now();
 ALTER TABLE supervisor_states ADD COLUMN IF NOT EXISTS updated_at TIMESTAMPTZ NOT NULL DEFAULT now();
+ALTER TABLE supervisor_states ADD COLUMN IF NOT EXISTS result JSONB;
 
 DO $$
 BEGIN
@@ -131,6 +132,7 @@ COMMENT ON COLUMN supervisor_states.phase IS 'The phase the agent last announced
 COMMENT ON COLUMN supervisor_states.checkpoint_data IS 'The agent''s own resumable data, as it last sent it';
 COMMENT ON COLUMN supervisor_states.last_heartbeat IS 'Last time the daemon confirmed the supervisor alive (database clock)';
 COMMENT ON COLUMN supervisor_states.version IS 'Bumped by one at every save point';
+COMMENT ON COLUMN supervisor_states.result IS 'What the agent finished with (the result of done); null before';
 COMMENT ON COLUMN supervisor_states.owner_daemon_id IS 'The daemon that runs this supervisor now, if any';
 COMMENT ON COLUMN supervisor_states.lease_epoch IS 'Bumped at every change of owner; writes check it to fence out a former owner';
 COMMENT ON COLUMN supervisor_states.created_at IS 'When the state row was created';

@@ -433,6 +433,9 @@ def show(supervisor: str, as_json: bool, socket_path: Path | None) -> None:
     ):
         table.add_row(field, cell(body.get(field)))
     out.print(table)
+    if body.get("result") is not None:
+        out.print("\nresult:")
+        out.print(json.dumps(body["result"], indent=2, ensure_ascii=False), markup=False)
     if body.get("pending_questions"):
         out.print("\nopen questions:")
         for q in body["pending_questions"]:

@@ -21,6 +21,7 @@ KIB = 1024
 CHECKPOINT_LIMIT = 256 * KIB
 """The largest checkpoint ``data``, encoded."""
 MESSAGE_LIMIT = 256 * KIB
+RESULT_LIMIT = 256 * KIB  # what an agent finishes with (done's result)
 """The largest history message (role and content), encoded."""
 QUESTION_LIMIT = 64 * KIB
 """The largest question (text, choices and context), encoded."""

@@ -28,6 +28,15 @@ class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
 
 
+def optional_column(row: Row, key: str) -> Any:
+    """``row[key]``, or None where the row has no such column (a snapshot saved
+    before the column existed)."""
+    try:
+        return row[key]
+    except KeyError:
+        return None
+
+
 class SupervisorStateEnum(enum.StrEnum):
     """The nine states of a supervisor (mirrored by a CHECK in schema.sql)."""
 
@@ -482,6 +491,7 @@ class SupervisorState:
     lease_epoch: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    result: Any = None  # what the agent finished with (``done``'s result)
 
     def __post_init__(self) -> None:
         parse_uuid(self.supervisor_id, "supervisor_id")
@@ -542,6 +552,7 @@ class SupervisorState:
             lease_epoch=parse_int(row["lease_epoch"], "lease_epoch"),
             created_at=parse_optional_datetime(row["created_at"], "created_at"),
             updated_at=parse_optional_datetime(row["updated_at"], "updated_at"),
+            result=optional_column(row, "result"),
         )
 
     def to_json(self) -> JSONObject:
@@ -566,6 +577,7 @@ class SupervisorState:
             "lease_epoch": self.lease_epoch,
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
+            "result": self.result,
         }
 
     @classmethod

@@ -68,6 +68,7 @@ _STATE_COLUMNS = (
     "lease_epoch",
     "created_at",
     "updated_at",
+    "result",
 )
 _STATE = ", ".join(f"st.{c}" for c in _STATE_COLUMNS)
 _SPEC = "sp.supervisor_id, sp.name, sp.goal, sp.agent_command, sp.cwd, sp.env, sp.created_at"
@@ -254,7 +255,8 @@ async def count_supervisors_by_state(db: Db) -> dict[SupervisorStateEnum, int]:
 STATE_CHANGE: Statement[int | None] = Statement(
     "state_change",
     "WITH st AS (UPDATE supervisor_states SET state = $2, current_activity = $3, progress = $4, "
-    f"error_message = $5, {_BUMP} WHERE supervisor_id = $1 RETURNING version) "
+    f"error_message = $5, result = COALESCE($6::jsonb, result), {_BUMP} "
+    "WHERE supervisor_id = $1 RETURNING version) "
     "SELECT (SELECT version FROM st) AS version",
     _version_or_none,
 )
@@ -266,9 +268,11 @@ def state_change(
     current_activity: str | None,
     progress: int,
     error_message: str | None = None,
+    result: Any = None,
 ) -> Bound[int | None]:
     return Bound(
-        STATE_CHANGE, (supervisor_id, state.value, current_activity, progress, error_message)
+        STATE_CHANGE,
+        (supervisor_id, state.value, current_activity, progress, error_message, result),
     )
 
 

@@ -55,6 +55,7 @@ from makima.limits import (
     OPEN_QUESTIONS_LIMIT,
     QUESTION_LIMIT,
     REASON_LIMIT,
+    RESULT_LIMIT,
     TEXT_LIMIT,
     encoded_size,
     fit_newest,
@@ -535,8 +536,13 @@ class Supervisor:
                 await self._change(Event.BLOCKED, error_message=reason)
                 return {}, None
             case Done(result=result):
+                _fits("a done result", result, RESULT_LIMIT)
                 await self._change(
-                    Event.DONE, progress=100, error_message=None, current_activity="done"
+                    Event.DONE,
+                    progress=100,
+                    error_message=None,
+                    current_activity="done",
+                    result=result,
                 )
                 log.info("supervisor.completed", supervisor_id=str(self.id), result=result)
                 return {}, self._finish

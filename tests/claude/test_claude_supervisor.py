@@ -60,6 +60,11 @@ async def test_question_answer_and_history(short_tmp: Path, db_params: ConnectPa
 
         final = await rig.until_state(supervisor_id, "completed", "failed")
         assert final["state"] == "completed", final
+        # the final text is the result, with Claude Code's report (the fake's usage)
+        assert final["result"]["result"] == "Going with the answer: all set."
+        report = final["result"]["claude"]
+        assert report["turns"] >= 1 and report["usage"]["output_tokens"] > 0
+        assert report["session_id"] == rig.api.main_requests[0].headers["x-claude-code-session-id"]
         history = await rig.history(supervisor_id)
         roles = [entry["role"] for entry in history]
         assert roles[0] == "user" and "Pick a database" in str(history[0]["content"])

@@ -130,6 +130,10 @@ async def test_every_message_type_is_saved_before_its_ack(
         await agent.request({"type": "done", "result": {"ok": True}})
         state = await repo.get_supervisor_state_for_restoration(pool, sup)
         assert state is not None and state.state is S.COMPLETED and state.progress == 100
+        assert state.result == {"ok": True}
+        assert (await client.call("supervisor.get", {"supervisor_id": sid}))["result"] == {
+            "ok": True
+        }
         assert await agent.receive() is None  # the daemon closed the agent's stdin
         await next_event(events, "supervisor.state_changed", supervisor_id=sid, state="completed")
         record = await repo.get_question(pool, uuid.UUID(qid))

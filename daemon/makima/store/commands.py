@@ -53,13 +53,15 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class StateChange:
-    """Save point on every state change: state, activity, progress, error."""
+    """Save point on every state change: state, activity, progress, error, and the
+    result the agent finished with (``None`` leaves the saved result as it is)."""
 
     supervisor_id: uuid.UUID
     state: SupervisorStateEnum
     current_activity: str | None
     progress: int
     error_message: str | None = None
+    result: Any = None
 
     @classmethod
     def of(cls, state: SupervisorState) -> StateChange:
@@ -69,6 +71,7 @@ class StateChange:
             state.current_activity,
             state.progress,
             state.error_message,
+            state.result,
         )
 
 

@@ -114,7 +114,7 @@ class Store:
         """The row's new version; None when the supervisor has no state row."""
         c = command
         bound = repo.state_change(
-            c.supervisor_id, c.state, c.current_activity, c.progress, c.error_message
+            c.supervisor_id, c.state, c.current_activity, c.progress, c.error_message, c.result
         )
         return await self._batched("state_change", bound)
 
