@@ -56,6 +56,9 @@ class Daemon(Protocol):
     @property
     def supervisors(self) -> Mapping[uuid.UUID, Supervisor]: ...
 
+    @property
+    def agents_starting(self) -> int: ...
+
     async def create_supervisor(self, spec: SupervisorSpec) -> Supervisor: ...
 
     async def answer_question(
@@ -206,6 +209,7 @@ class ControlApi:
                 "database": {"embedded": d.db.is_embedded},
                 "supervisors": {s.value: counts.get(s, 0) for s in SupervisorStateEnum},
                 "running_agents": sum(1 for s in d.supervisors.values() if s.agent is not None),
+                "agents_starting": d.agents_starting,
                 "pending_questions": len(open_questions),
                 "last_startup_report": d.startup_report,
             }

@@ -650,6 +650,8 @@ def status(as_json: bool, socket_path: Path | None) -> None:
     grid.add_row("started", result["started_at"])
     grid.add_row("database", "embedded" if result["database"]["embedded"] else "external URL")
     grid.add_row("agents running", str(result["running_agents"]))
+    if result.get("agents_starting"):
+        grid.add_row("agents starting", str(result["agents_starting"]))
     grid.add_row("open questions", str(result["pending_questions"]))
     counts = ", ".join(f"{k} {v}" for k, v in result["supervisors"].items() if v)
     grid.add_row("supervisors", counts or "none")

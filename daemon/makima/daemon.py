@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,7 @@ class Daemon:
         self.started_at = datetime.now(UTC)
         self.bus = EventBus()
         self.runners: dict[uuid.UUID, Runner] = {}
+        self._starting: set[uuid.UUID] = set()  # restored, their agents not yet started
         self.startup_report: dict[str, Any] | None = None
         self.restart_policy = RestartPolicy(
             limit=config.agent_restart_limit,
@@ -186,7 +187,7 @@ class Daemon:
                 if self.db.is_embedded:  # a server dying while restoring is restarted too
                     tg.start_soon(self.db.supervise)
                 self.notifier.status("restoring supervisors")
-                await self.restore_on_startup()
+                plans = await self.restore_on_startup()
                 listener = (
                     await self._server.adopt(self.listen_socket)
                     if self.listen_socket is not None
@@ -207,6 +208,9 @@ class Daemon:
                     daemon_id=str(self.daemon_id),
                 )
                 task_status.started(self)
+                # Every question is listed and re-delivered and the socket is served:
+                # the agents are spawned now, without holding READY back.
+                self.launch_plans(plans)
                 await self._shutdown.wait()
                 self.notifier.stopping()
                 log.info("daemon.stopping", supervisors=len(self.supervisors))
@@ -319,11 +323,16 @@ class Daemon:
         supervisor = self.new_supervisor(plan.loaded.spec, plan.state)
         payload = start_payload(plan)
         supervisor.reset(plan.state, payload.given)
-        return self.launch(
-            supervisor, payload.restoration, after_start(self.restorer, supervisor, plan, payload)
-        )
+        then = after_start(self.restorer, supervisor, plan, payload)
+
+        async def started() -> None:
+            self._starting.discard(supervisor.id)
+            await then()
+
+        return self.launch(supervisor, payload.restoration, started)
 
     def _runner_ended(self, runner: Runner) -> None:
+        self._starting.discard(runner.id)
         if self.runners.get(runner.id) is runner:  # its loop is over, whatever the state
             del self.runners[runner.id]
 
@@ -424,11 +433,22 @@ class Daemon:
 
     # ----------------------------------------------------------------- restoration
 
-    async def restore_on_startup(self) -> None:
-        """Bring back every unfinished supervisor (see makima.restoration)."""
+    async def restore_on_startup(self) -> list[Plan]:
+        """Bring back every unfinished supervisor (see makima.restoration): everything
+        but spawning their agents, which :meth:`launch_plans` does."""
         self.startup_report, plans = await restore_all(self.restorer)
+        return plans
+
+    def launch_plans(self, plans: Sequence[Plan]) -> None:
+        """Start the restored agents; :attr:`agents_starting` counts those not yet
+        given their ``start`` line."""
         for plan in plans:
+            self._starting.add(plan.supervisor_id)
             self.launch_plan(plan)
+
+    @property
+    def agents_starting(self) -> int:
+        return len(self._starting)
 
     async def resume_supervisor(self, supervisor_id: uuid.UUID) -> RestorationInfo:
         """Manual resume: restart its agent through restoration (source ``manual``)."""

@@ -22,6 +22,7 @@ changes (no read-modify-write in Python). Every write to
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -378,6 +379,58 @@ async def save_supervisor_state_full(db: Db, state: SupervisorState) -> int:
         state.lease_epoch,
     )
     return int(value)
+
+
+async def save_supervisor_states_full(
+    db: Db, states: Sequence[SupervisorState]
+) -> dict[uuid.UUID, int]:
+    """Bulk form of :func:`save_supervisor_state_full`: one UNNEST statement for
+    many states (restoration writes every decided state at once). Returns each
+    supervisor's new version. Atomic: one bad state fails them all, and the caller
+    then saves them one by one."""
+    if not states:
+        return {}
+    rows = await db.fetch(
+        "INSERT INTO supervisor_states AS st (supervisor_id, state, phase, current_activity, "
+        "progress, error_message, spawned_task_ids, pending_questions, restoration_count, "
+        "last_restored_at, restoration_source, checkpoint_data, last_heartbeat, "
+        "owner_daemon_id, lease_epoch, version) "
+        "SELECT b.supervisor_id, b.state, b.phase, b.activity, b.progress, b.error, "
+        "ARRAY(SELECT jsonb_array_elements_text(b.tasks::jsonb)::uuid), b.questions::jsonb, "
+        "b.restorations, b.restored_at, b.source, b.checkpoint::jsonb, b.heartbeat, b.owner, "
+        "b.epoch, 1 "
+        # JSON goes as text: asyncpg would read a list inside a jsonb[] as a dimension.
+        "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], "
+        "$7::text[], $8::text[], $9::int[], $10::timestamptz[], $11::text[], $12::text[], "
+        "$13::timestamptz[], $14::uuid[], $15::bigint[]) AS b(supervisor_id, state, phase, "
+        "activity, progress, error, tasks, questions, restorations, restored_at, source, "
+        "checkpoint, heartbeat, owner, epoch) "
+        "ON CONFLICT (supervisor_id) DO UPDATE SET state = EXCLUDED.state, "
+        "phase = EXCLUDED.phase, current_activity = EXCLUDED.current_activity, "
+        "progress = EXCLUDED.progress, error_message = EXCLUDED.error_message, "
+        "spawned_task_ids = EXCLUDED.spawned_task_ids, "
+        "pending_questions = EXCLUDED.pending_questions, "
+        "checkpoint_data = EXCLUDED.checkpoint_data, "
+        "last_heartbeat = EXCLUDED.last_heartbeat, "
+        "owner_daemon_id = EXCLUDED.owner_daemon_id, lease_epoch = EXCLUDED.lease_epoch, "
+        "version = st.version + 1, updated_at = now() RETURNING supervisor_id, version",
+        [s.supervisor_id for s in states],
+        [s.state.value for s in states],
+        [s.phase for s in states],
+        [s.current_activity for s in states],
+        [s.progress for s in states],
+        [s.error_message for s in states],
+        [json.dumps([str(t) for t in s.spawned_task_ids]) for s in states],
+        [json.dumps([q.to_json() for q in s.pending_questions]) for s in states],
+        [s.restoration_count for s in states],
+        [s.last_restored_at for s in states],
+        [None if s.restoration_source is None else s.restoration_source.value for s in states],
+        [None if s.checkpoint_data is None else json.dumps(s.checkpoint_data) for s in states],
+        [s.last_heartbeat for s in states],
+        [s.owner_daemon_id for s in states],
+        [s.lease_epoch for s in states],
+    )
+    return {r["supervisor_id"]: int(r["version"]) for r in rows}
 
 
 async def mark_supervisor_restored(
@@ -846,6 +899,26 @@ async def get_supervisor_messages(
         before,
     )
     return [MessageRecord.from_row(r) for r in rows]
+
+
+async def get_histories(
+    db: Db, supervisor_ids: Sequence[uuid.UUID], limit: int
+) -> dict[uuid.UUID, list[MessageRecord]]:
+    """The last ``limit`` history entries of each supervisor, in order, in one
+    statement (an index scan per supervisor, not a sort of every message)."""
+    rows = await db.fetch(
+        "SELECT m.supervisor_id, m.seq, m.role, m.content, m.created_at "
+        "FROM unnest($1::uuid[]) AS s(id) CROSS JOIN LATERAL ("
+        "SELECT supervisor_id, seq, role, content, created_at FROM supervisor_messages "
+        "WHERE supervisor_id = s.id ORDER BY seq DESC LIMIT $2) m "
+        "ORDER BY m.supervisor_id, m.seq",
+        list(supervisor_ids),
+        limit,
+    )
+    histories: dict[uuid.UUID, list[MessageRecord]] = {}
+    for row in rows:
+        histories.setdefault(row["supervisor_id"], []).append(MessageRecord.from_row(row))
+    return histories
 
 
 async def save_supervisor_checkpoint(

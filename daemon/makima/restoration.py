@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
 from makima.limits import LINE_BUDGET, TEXT_LIMIT, encoded_size
 from makima.model import (
+    MessageRecord,
     PendingQuestion,
     QuestionRecord,
     RestorationInfo,
@@ -59,6 +60,7 @@ from makima.store import (
     QuestionsRedelivered,
     RestorationsCounted,
     StateRestored,
+    StatesRestored,
     Store,
     TasksEnded,
     TasksRequeued,
@@ -125,6 +127,7 @@ class Plan:
     restoration_count: int = 0
     context_message: str = ""
     crash: str | None = None  # restoring it raised: it is marked failed with this
+    redelivered: bool = False  # its open questions were counted re-delivered at startup
 
     @property
     def supervisor_id(self) -> uuid.UUID:
@@ -222,7 +225,14 @@ async def fail_unreadable(restorer: Restorer, supervisor_id: uuid.UUID, reason: 
 # ------------------------------------------------------------ deciding and writing (3-8)
 
 
-async def plan(restorer: Restorer, loaded: LoadedSupervisor, source: RestorationSource) -> Plan:
+async def plan(
+    restorer: Restorer,
+    loaded: LoadedSupervisor,
+    source: RestorationSource,
+    prefetched: Prefetched | None = None,
+) -> Plan:
+    """Steps 3 to 8 for one supervisor. ``prefetched``: what a startup read for
+    every supervisor at once (their history; their orphaned tasks already stopped)."""
     store = restorer.store
     sid = loaded.spec.supervisor_id
     restorer.faults.reached(SavePoint.RESTORE, Moment.BEFORE_COMMIT, loaded.spec.name)
@@ -280,7 +290,10 @@ async def plan(restorer: Restorer, loaded: LoadedSupervisor, source: Restoration
     unfinished = [t for t in result.tasks if not t.status.is_finished]
     if unfinished:
         # A crashed daemon left these processes running: stop them first.
-        await anyio.to_thread.run_sync(stop_orphaned_tasks, {str(t.task_id) for t in unfinished})
+        if prefetched is None:
+            await anyio.to_thread.run_sync(
+                stop_orphaned_tasks, {str(t.task_id) for t in unfinished}
+            )
         if rerun:
             result.rerun = unfinished
         else:
@@ -296,7 +309,11 @@ async def plan(restorer: Restorer, loaded: LoadedSupervisor, source: Restoration
             error_message=result.state.error_message if settled is S.BLOCKED else None,
         )
     # Steps 6 and 7: history, answers that never reached the agent.
-    result.history = await store.load_history(sid, HISTORY_LIMIT)
+    result.history = (
+        await store.load_history(sid, HISTORY_LIMIT)
+        if prefetched is None
+        else prefetched.histories.get(sid, [])
+    )
     answered = {
         q.question_id: q for q in questions if q.answer is not None and q.delivered_at is None
     }
@@ -333,12 +350,33 @@ def crashed_plan(loaded: LoadedSupervisor, source: RestorationSource, exc: BaseE
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Prefetched:
+    """What a startup reads and does for every supervisor at once, before planning."""
+
+    histories: Mapping[uuid.UUID, list[MessageRecord]]
+
+
+async def prefetch(restorer: Restorer, loaded: Sequence[LoadedSupervisor]) -> Prefetched:
+    """Every supervisor's recent history in one statement, and every task a crashed
+    daemon left running stopped in one scan of the process table."""
+    ids = [item.spec.supervisor_id for item in loaded]
+    histories = await restorer.store.load_histories(ids, HISTORY_LIMIT)
+    orphans = {str(t.task_id) for item in loaded for t in item.tasks if not t.status.is_finished}
+    if orphans:
+        await anyio.to_thread.run_sync(stop_orphaned_tasks, orphans)
+    return Prefetched(histories)
+
+
 async def plan_guarded(
-    restorer: Restorer, loaded: LoadedSupervisor, source: RestorationSource
+    restorer: Restorer,
+    loaded: LoadedSupervisor,
+    source: RestorationSource,
+    prefetched: Prefetched | None = None,
 ) -> Plan:
     """:func:`plan`, with the crash boundary: an unexpected error fails this one only."""
     try:
-        return await plan(restorer, loaded, source)
+        return await plan(restorer, loaded, source, prefetched)
     except Exception as exc:
         log.exception(
             "supervisor.crashed",
@@ -353,7 +391,16 @@ async def write(restorer: Restorer, plans: list[Plan]) -> None:
     """Save each decided state, then count the restorations (in bulk). A state that
     cannot be saved fails its own supervisor (the crash boundary), not the others."""
     store = restorer.store
+    try:
+        versions = await store.restore_states(StatesRestored(tuple(p.state for p in plans)))
+    except Exception as exc:  # noqa: BLE001 - one bad state: save them one by one below
+        if len(plans) > 1:
+            log.warning("restoration.bulk_write_failed", error=f"{type(exc).__name__}: {exc}")
+        versions = {}
     for index, p in enumerate(plans):
+        if p.supervisor_id in versions:
+            p.state = dataclasses.replace(p.state, version=versions[p.supervisor_id])
+            continue
         try:
             version = await store.restore_state(StateRestored(p.state))
         except Exception as exc:
@@ -556,7 +603,7 @@ def after_start(
     restorer: Restorer, supervisor: Supervisor, p: Plan, payload: StartPayload
 ) -> Callable[[], Awaitable[None]]:
     """What happens once the agent has its ``start`` message."""
-    pending: list[PendingQuestion] = list(p.state.pending_questions)
+    pending: list[PendingQuestion] = [] if p.redelivered else list(p.state.pending_questions)
     inline = [q.question_id for q in payload.answers_inline]
     rerun = list(p.rerun)
 
@@ -599,10 +646,13 @@ async def restore_all(restorer: Restorer) -> tuple[dict[str, Any], list[Plan]]:
     loaded, unreadable = await load_guarded(restorer)
     for sid, reason in unreadable:
         await fail_unreadable(restorer, sid, reason)
+    prefetched = await prefetch(restorer, loaded)
     plans = [
-        await plan_guarded(restorer, item, RestorationSource.DAEMON_RESTART) for item in loaded
+        await plan_guarded(restorer, item, RestorationSource.DAEMON_RESTART, prefetched)
+        for item in loaded
     ]
     await write(restorer, plans)
+    await redeliver(restorer, [p for p in plans if p.launches])
     report: dict[str, Any] = {o.value: [] for o in Outcome}
     for p in plans:
         entry = {
@@ -629,6 +679,24 @@ async def restore_all(restorer: Restorer) -> tuple[dict[str, Any], list[Plan]]:
     report["counts"] = {o.value: len(report[o.value]) for o in Outcome}
     log.info("restoration.startup_report", **report["counts"])
     return report, [p for p in plans if p.launches]
+
+
+async def redeliver(restorer: Restorer, plans: Sequence[Plan]) -> None:
+    """Every open question of a startup delivered again, at once, before READY: counted
+    in one statement and announced. The agents get theirs in their ``start`` lines."""
+    questions = [(p, q) for p in plans for q in p.state.pending_questions]
+    if questions:
+        await restorer.store.count_redeliveries(
+            QuestionsRedelivered(tuple(q.id for _, q in questions))
+        )
+    for p, question in questions:
+        restorer.bus.publish(
+            EventKind.QUESTION_REDELIVERED,
+            **question_event_fields(question, p.supervisor_id),
+            source=p.source.value,
+        )
+    for p in plans:
+        p.redelivered = True
 
 
 async def restore_one(

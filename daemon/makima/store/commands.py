@@ -179,6 +179,13 @@ class StateRestored:
 
 
 @dataclass(frozen=True, slots=True)
+class StatesRestored:
+    """Every restored state of a startup, written whole in one statement."""
+
+    states: tuple[SupervisorState, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RestorationsCounted:
     """Step 10: one more restoration for each supervisor, from ``source``.
     ``saved``: each one's row version once its restored state was written, so

@@ -51,6 +51,7 @@ from makima.store.commands import (
     RestorationsCounted,
     StateChange,
     StateRestored,
+    StatesRestored,
     SupervisorCreated,
     TaskFinished,
     TasksEnded,
@@ -202,6 +203,15 @@ class Store:
 
         return await self._write("restore_state", save)
 
+    async def restore_states(self, command: StatesRestored) -> dict[uuid.UUID, int]:
+        """Each supervisor's new version; all or nothing (then save them one by one)."""
+        states = command.states
+
+        async def save(pool: Db, retry: bool) -> dict[uuid.UUID, int]:
+            return await repo.save_supervisor_states_full(pool, states)
+
+        return await self._write("restore_states", save)
+
     async def count_restorations(
         self, command: RestorationsCounted
     ) -> dict[uuid.UUID, tuple[int, int]]:
@@ -342,6 +352,11 @@ class Store:
         return await self._load(
             lambda pool: repo.get_latest_supervisor_checkpoint(pool, supervisor_id)
         )
+
+    async def load_histories(
+        self, ids: Sequence[uuid.UUID], limit: int
+    ) -> dict[uuid.UUID, list[MessageRecord]]:
+        return await self._load(lambda pool: repo.get_histories(pool, ids, limit))
 
     async def load_history(self, supervisor_id: uuid.UUID, limit: int) -> list[MessageRecord]:
         return await self._load(
