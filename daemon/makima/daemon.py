@@ -60,6 +60,8 @@ from makima.systemd import Notifier, watchdog_interval
 
 log = structlog.get_logger("makima.daemon")
 
+LAUNCH_WINDOW = 64  # restored agents being started at once
+
 
 LOCK_NAME = "daemon.lock"
 
@@ -113,6 +115,8 @@ class Daemon:
         self.bus = EventBus()
         self.runners: dict[uuid.UUID, Runner] = {}
         self._starting: set[uuid.UUID] = set()  # restored, their agents not yet started
+        self._in_flight: set[uuid.UUID] = set()  # of those, launched
+        self._launch_slot = anyio.Event()
         self.startup_report: dict[str, Any] | None = None
         self.restart_policy = RestartPolicy(
             limit=config.agent_restart_limit,
@@ -210,7 +214,8 @@ class Daemon:
                 task_status.started(self)
                 # Every question is listed and re-delivered and the socket is served:
                 # the agents are spawned now, without holding READY back.
-                self.launch_plans(plans)
+                self._starting.update(p.supervisor_id for p in plans)
+                tg.start_soon(self.launch_plans, plans)
                 await self._shutdown.wait()
                 self.notifier.stopping()
                 log.info("daemon.stopping", supervisors=len(self.supervisors))
@@ -326,13 +331,13 @@ class Daemon:
         then = after_start(self.restorer, supervisor, plan, payload)
 
         async def started() -> None:
-            self._starting.discard(supervisor.id)
+            self._agent_started(supervisor.id)
             await then()
 
         return self.launch(supervisor, payload.restoration, started)
 
     def _runner_ended(self, runner: Runner) -> None:
-        self._starting.discard(runner.id)
+        self._agent_started(runner.id)
         if self.runners.get(runner.id) is runner:  # its loop is over, whatever the state
             del self.runners[runner.id]
 
@@ -439,12 +444,25 @@ class Daemon:
         self.startup_report, plans = await restore_all(self.restorer)
         return plans
 
-    def launch_plans(self, plans: Sequence[Plan]) -> None:
-        """Start the restored agents; :attr:`agents_starting` counts those not yet
-        given their ``start`` line."""
+    async def launch_plans(self, plans: Sequence[Plan]) -> None:
+        """Start the restored agents, at most :data:`LAUNCH_WINDOW` at a time until
+        each has its ``start`` line, so that thousands of agents starting never
+        starve the control socket. :attr:`agents_starting` counts those waiting."""
         for plan in plans:
+            while len(self._in_flight) >= LAUNCH_WINDOW:
+                self._launch_slot = anyio.Event()
+                await self._launch_slot.wait()
+            if self._shutdown.is_set():
+                return  # not launched: restored again at the next start
             self._starting.add(plan.supervisor_id)
+            self._in_flight.add(plan.supervisor_id)
             self.launch_plan(plan)
+
+    def _agent_started(self, supervisor_id: uuid.UUID) -> None:
+        self._starting.discard(supervisor_id)
+        if supervisor_id in self._in_flight:
+            self._in_flight.discard(supervisor_id)
+            self._launch_slot.set()
 
     @property
     def agents_starting(self) -> int:
