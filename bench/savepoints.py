@@ -14,7 +14,11 @@ interleaved rounds:
   per second ÷ the floor's.
 
 makima's save points are written by one adapter (the ``Makima`` class just
-below): it is the only part of this file that knows how makima saves.
+below): it is the only part of this file that knows how makima saves, and it
+saves as the daemon does, through ``makima.store.Store`` (group commit on) on a
+``Database`` opened as the daemon opens it. At the end, each save point is
+made once more through a proxy that counts round trips on the wire (embedded
+server only).
 
 Without ``--database-url`` an embedded PostgreSQL is started in a fresh
 temporary directory and stopped at the end. With a URL, everything is created
@@ -42,103 +46,172 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import anyio
+import anyio.abc
 import asyncpg
 import structlog
 
-from makima import repository as repo
-from makima.database import Database, apply_schema, create_pool, ensure_database, told_of_retries
+from makima.database import Database, DatabaseConfig, ensure_database
 from makima.embedded import ConnectParams, EmbeddedPostgres
 from makima.model import PendingQuestion, SupervisorSpec, SupervisorState, TaskRecord
 from makima.model import SupervisorStateEnum as S
+from makima.store import (
+    AnswersDelivered,
+    CheckpointSaved,
+    CommitterStats,
+    Heartbeat,
+    Heartbeats,
+    MessageAdded,
+    PhaseChange,
+    QuestionAnswered,
+    QuestionAsked,
+    StateChange,
+    Store,
+    SupervisorCreated,
+    TaskSpawned,
+)
 
 # =========================================================================== makima's save points
 #
 # The one section that knows how makima writes a save point: a method per kind,
-# each doing what the daemon does for it today (repository calls through
-# Database.save, as Supervisor and Daemon make them). To bench the store, change
-# these methods (and the imports above); nothing below this section changes.
+# each building the store command the daemon builds for it (Supervisor, Daemon)
+# and calling the same Store method, on a Database opened as the daemon opens it
+# (Database.open: makima's pool, its no-reset Connection class, its codecs, the
+# schema) and a Store with group commit on. Nothing below this section knows how
+# makima saves.
 
 
 class Makima:
-    """makima's save points, over makima's own pool (its connection class and codecs)."""
+    """makima's save points, through makima.store as the daemon makes them."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.db = Database(pool)
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.store = Store(db)  # group commit on, as in the daemon
+        # What the daemon holds in memory per supervisor: the state and row version
+        # its next save point (and its heartbeat) starts from.
+        self.memory: dict[uuid.UUID, SupervisorState] = {}
+
+    @classmethod
+    async def open(cls, url: str, pool_size: int) -> Makima:
+        config = DatabaseConfig(
+            state_dir=Path(tempfile.gettempdir()),  # unused with a URL
+            url=url,
+            min_connections=pool_size,
+            max_connections=pool_size,
+        )
+        return cls(await Database.open(config))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    def _saved(self, s: SupervisorState, version: int | None, **changes: Any) -> None:
+        old = self.memory.get(s.supervisor_id, s)
+        new = dataclasses.replace(old, **changes)
+        if version is not None:
+            new = dataclasses.replace(new, version=version)
+        self.memory[s.supervisor_id] = new
 
     async def create_supervisor(self, i: int) -> SupervisorState:
         spec = SupervisorSpec.new(f"bench-{i}", ["true"], goal="benchmark save points")
-        return await self.db.save(lambda pool: repo.create_supervisor(pool, spec), "create")
+        state = await self.store.create_supervisor(SupervisorCreated(spec))
+        self.memory[state.supervisor_id] = state
+        return state
 
     async def state_change(self, s: SupervisorState, n: int) -> None:
-        await self.db.save(
-            lambda pool: repo.update_supervisor_detailed_state(
-                pool, s.supervisor_id, S.WORKING, f"step {n}", n % 101
-            ),
-            "state_change",
-        )
+        """Supervisor._change: an activity the agent waits an ack for, say."""
+        activity, progress = f"step {n}", n % 101
+        command = StateChange(s.supervisor_id, S.WORKING, activity, progress)
+        version = await self.store.change_state(command)
+        self._saved(s, version, state=S.WORKING, current_activity=activity, progress=progress)
+
+    def _beat(self, s: SupervisorState, n: int) -> Heartbeat:
+        """Supervisor.heartbeat: what the daemon holds for one live supervisor."""
+        m = self.memory.get(s.supervisor_id, s)
+        return Heartbeat(s.supervisor_id, m.state, f"beat {n}", n % 101, m.version)
+
+    def _after_beats(self, outcomes: dict[uuid.UUID, tuple[int, bool]]) -> None:
+        """Supervisor.after_heartbeat: adopt the row's version when the beat could not write."""
+        for sid, (version, written) in outcomes.items():
+            m = self.memory[sid]
+            if not written and version != m.version:
+                self.memory[sid] = dataclasses.replace(m, version=version)
 
     async def heartbeat(self, s: SupervisorState, n: int) -> None:
-        await self.db.save(
-            lambda pool: repo.update_supervisor_heartbeat_state(
-                pool, s.supervisor_id, S.WORKING, f"step {n}", n % 101
-            ),
-            "heartbeat",
-        )
+        """Daemon._heartbeat with one live supervisor: Heartbeats of one beat."""
+        self._after_beats(await self.store.beat(Heartbeats((self._beat(s, n),))))
+
+    async def heartbeat_all(self, supervisors: Sequence[SupervisorState], n: int) -> None:
+        """Daemon._heartbeat: every live supervisor's beat in one Heartbeats (one statement)."""
+        beats = tuple(self._beat(s, n) for s in supervisors)
+        self._after_beats(await self.store.beat(Heartbeats(beats)))
 
     async def phase_change(self, s: SupervisorState, n: int) -> None:
-        snapshot = dataclasses.replace(
-            s, state=S.WORKING, phase=f"phase {n}", current_activity=f"step {n}"
-        )
-        await self.db.save(lambda pool: repo.record_phase_change(pool, snapshot), "phase")
+        """Supervisor._on_phase: the row and a checkpoint row with the whole state."""
+        m = self.memory.get(s.supervisor_id, s)
+        new = dataclasses.replace(m, state=S.WORKING, phase=f"phase {n}")
+        version = await self.store.change_phase(PhaseChange(new))
+        self._saved(s, version, state=S.WORKING, phase=new.phase)
+
+    async def checkpoint(self, s: SupervisorState, n: int) -> None:
+        """Supervisor._on_checkpoint: the agent's data in the row and a checkpoint row."""
+        m = self.memory.get(s.supervisor_id, s)
+        data = {"step": n, "done": ["lint", "unit tests"], "next": "integration tests"}
+        new = dataclasses.replace(m, state=S.WORKING, checkpoint_data=data)
+        version = await self.store.save_checkpoint(CheckpointSaved(new))
+        self._saved(s, version, state=S.WORKING, checkpoint_data=data)
+
+    async def message(self, s: SupervisorState, n: int) -> None:
+        """Supervisor._apply on a ``message``: one entry of the conversation history."""
+        content = {"text": f"Step {n}: the unit tests pass; running the integration tests."}
+        await self.store.add_message(MessageAdded(s.supervisor_id, "assistant", content))
 
     async def question_asked(self, s: SupervisorState, n: int) -> uuid.UUID:
+        """Supervisor._on_ask: the question's row, the pending entry and the state."""
         question = PendingQuestion(
             id=uuid.uuid4(),
             question=f"Deploy build {n} to staging?",
             choices=("yes", "no"),
             context="The tests passed on the last commit.",
         )
-        await self.db.save(
-            lambda pool: repo.record_question_asked(
-                pool, s.supervisor_id, question, S.WAITING_FOR_USER
-            ),
-            "ask",
-        )
+        command = QuestionAsked(s.supervisor_id, question, S.WAITING_FOR_USER)
+        version = await self.store.ask_question(command)
+        self._saved(s, version, state=S.WAITING_FOR_USER)
         return question.id
 
     async def question_answered(self, s: SupervisorState, question_id: uuid.UUID) -> None:
-        """From the client's call to the agent having it, as the daemon does it: the
-        question looked up, the answer saved (moving the supervisor back to work),
-        and its delivery to the agent recorded."""
-        record = await self.db.query(lambda pool: repo.get_question(pool, question_id))
-        assert record is not None
-        await self.db.save(
-            told_of_retries(
-                lambda pool, retry: repo.answer_question(
-                    pool, question_id, "yes", 1000, state=S.WORKING, retry=retry
-                )
-            ),
-            "answer",
-        )
-        await self.db.save(
-            lambda pool: repo.mark_answer_delivered(pool, question_id), "answer_delivered"
-        )
+        """Daemon.answer_question for a running supervisor's open question (found in
+        memory): Supervisor.answer, one statement from the call to the commit. The
+        client's reply goes out after it; the delivery mark is answer_delivered."""
+        command = QuestionAnswered(question_id, "yes", 1000, S.WORKING)
+        await self.store.answer_question(command)
+        self._saved(s, None, state=S.WORKING)
+
+    def committer_stats(self) -> CommitterStats:
+        """The group committer's counts (round trips, save points written)."""
+        assert self.store.committer is not None
+        return self.store.committer.stats
+
+    async def answer_delivered(self, s: SupervisorState, question_id: uuid.UUID) -> None:
+        """Supervisor.deliver_answer, once the agent has the answer: the delivery mark."""
+        await self.store.deliver_answers(AnswersDelivered((question_id,)))
 
     async def task_spawned(self, s: SupervisorState, n: int) -> None:
+        """Supervisor._on_spawn: the task's row and the supervisor's list (state unchanged)."""
         task = TaskRecord(
             task_id=uuid.uuid4(),
             supervisor_id=s.supervisor_id,
             name=f"test-{n}",
             command=("pytest", "-q", "tests/unit"),
         )
-        await self.db.save(lambda pool: repo.create_task(pool, task), "spawn")
+        _, version = await self.store.spawn_task(TaskSpawned(task, None))
+        self._saved(s, version)
 
     async def forget_spawned_tasks(self) -> None:
         """Between task phases, not timed: empty every supervisor's task list (the
@@ -156,18 +229,22 @@ class Makima:
 QUESTIONS_PER_SUPERVISOR = 4
 TASKS_PER_SUPERVISOR = 32
 ANSWER_PHASE_LIMIT_S = 120.0  # a safety net: answering is bounded by the questions asked
-# The mix: per supervisor, a cycle of ten save points in this order.
+# The mix: per supervisor, a cycle of twelve save points in this order. No
+# heartbeat: the daemon writes every live supervisor's beat in one statement per
+# interval, not one per supervisor (the heartbeat lines measure it).
 MIX = (
     "state_change",
-    "heartbeat",
+    "message",
     "state_change",
     "phase_change",
     "state_change",
-    "heartbeat",
+    "message",
     "task_spawned",
     "state_change",
     "question_asked",
     "question_answered",
+    "answer_delivered",
+    "checkpoint",
 )
 
 FLOOR_SQL = (
@@ -189,11 +266,15 @@ class Sample:
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     cpu: float = 0.0  # CPU time of this (client) process over the same time
+    commits: int = 0  # round trips the group committer made meanwhile
+    batched: int = 0  # save points it wrote in them
 
     def add(self, other: Sample) -> None:
         self.latencies.extend(other.latencies)
         self.elapsed += other.elapsed
         self.cpu += other.cpu
+        self.commits += other.commits
+        self.batched += other.batched
 
     @property
     def ops(self) -> int:
@@ -229,7 +310,12 @@ class Context:
     owned: list[list[SupervisorState]]  # worker -> the supervisors it owns
     keys: list[list[int]]  # worker -> the floor rows it owns
     asked: list[list[tuple[SupervisorState, uuid.UUID]]]  # worker -> questions left open
+    # worker -> the mix's question asked (then answered) and not yet delivered
     mix_open: list[tuple[SupervisorState, uuid.UUID] | None] = field(default_factory=list)
+    mix_answered: list[tuple[SupervisorState, uuid.UUID] | None] = field(default_factory=list)
+
+    def everyone(self) -> list[SupervisorState]:
+        return [s for owned in self.owned for s in owned]
 
     def supervisor(self, w: int, n: int, per: int = 1) -> SupervisorState:
         """The supervisor of worker ``w``'s ``n``-th operation, ``per`` in a row each."""
@@ -247,6 +333,8 @@ async def timed_loop(
     stops early after ``caps[w]`` operations). Each operation is timed alone; the
     wall time runs until the last worker has finished its last operation."""
     latencies: list[float] = []
+    stats = ctx.makima.committer_stats()
+    commits, batched = stats.commits, stats.written
     cpu = time.process_time()
     start = time.perf_counter()
     deadline = start + seconds
@@ -263,7 +351,8 @@ async def timed_loop(
     async with anyio.create_task_group() as tg:
         for w in range(ctx.concurrency):
             tg.start_soon(worker, w)
-    return Sample(latencies, time.perf_counter() - start, time.process_time() - cpu)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return Sample(latencies, elapsed, cpu, stats.commits - commits, stats.written - batched)
 
 
 # --------------------------------------------------------------------------- the operations
@@ -286,6 +375,14 @@ async def phase_change(ctx: Context, w: int, n: int) -> None:
     await ctx.makima.phase_change(ctx.supervisor(w, n), n)
 
 
+async def checkpoint(ctx: Context, w: int, n: int) -> None:
+    await ctx.makima.checkpoint(ctx.supervisor(w, n), n)
+
+
+async def message(ctx: Context, w: int, n: int) -> None:
+    await ctx.makima.message(ctx.supervisor(w, n), n)
+
+
 async def question_asked(ctx: Context, w: int, n: int) -> None:
     s = ctx.supervisor(w, n)
     ctx.asked[w].append((s, await ctx.makima.question_asked(s, n)))
@@ -296,24 +393,39 @@ async def question_answered(ctx: Context, w: int, n: int) -> None:
     await ctx.makima.question_answered(s, question_id)
 
 
+async def answer_delivered(ctx: Context, w: int, n: int) -> None:
+    s, question_id = ctx.asked[w][n]
+    await ctx.makima.answer_delivered(s, question_id)
+
+
 async def task_spawned(ctx: Context, w: int, n: int) -> None:
     await ctx.makima.task_spawned(ctx.supervisor(w, n), n)
 
 
 async def mix(ctx: Context, w: int, n: int) -> None:
-    """One save point of the mix: a supervisor takes ten in a row, in MIX's order."""
+    """One save point of the mix: a supervisor takes twelve in a row, in MIX's order."""
     s = ctx.supervisor(w, n, per=len(MIX))
     kind = MIX[n % len(MIX)]
     m = ctx.makima
+    # The phase may begin between an ask and its answer or delivery: then a state
+    # change instead, and the question stays open.
     if kind == "question_asked":
         ctx.mix_open[w] = (s, await m.question_asked(s, n))
     elif kind == "question_answered":
-        open_question = ctx.mix_open[w]
-        if open_question is None:  # the phase began between the two: a state change instead
+        asked = ctx.mix_open[w]
+        ctx.mix_open[w] = None
+        if asked is None:
             await m.state_change(s, n)
         else:
-            ctx.mix_open[w] = None
-            await m.question_answered(*open_question)
+            await m.question_answered(*asked)
+            ctx.mix_answered[w] = asked
+    elif kind == "answer_delivered":
+        answered = ctx.mix_answered[w]
+        ctx.mix_answered[w] = None
+        if answered is None:
+            await m.state_change(s, n)
+        else:
+            await m.answer_delivered(*answered)
     else:
         await getattr(m, kind)(s, n)
 
@@ -358,44 +470,84 @@ class Measured:
 
 
 class AnswerAll:
-    """Between question phases: answer every question asked, timed as a line of its own."""
+    """Between question phases: answer every question asked, then mark each answer
+    delivered; each timed as a line of its own (the daemon's answer path)."""
 
     def __init__(self) -> None:
-        self.sample = Sample()
+        self.answered = Sample()
+        self.delivered = Sample()
 
     async def __call__(self, ctx: Context, timed: bool) -> None:
         caps = [len(asked) for asked in ctx.asked]
-        phase = await timed_loop(ctx, question_answered, ANSWER_PHASE_LIMIT_S, caps)
+        answered = await timed_loop(ctx, question_answered, ANSWER_PHASE_LIMIT_S, caps)
+        delivered = await timed_loop(ctx, answer_delivered, ANSWER_PHASE_LIMIT_S, caps)
         for w, asked in enumerate(ctx.asked):
             del asked[: caps[w]]
         if timed:
-            self.sample.add(phase)
+            self.answered.add(answered)
+            self.delivered.add(delivered)
 
-    def take(self) -> Sample:
-        sample, self.sample = self.sample, Sample()
-        return sample
+    def take(self) -> tuple[Sample, Sample]:
+        taken = self.answered, self.delivered
+        self.answered, self.delivered = Sample(), Sample()
+        return taken
+
+
+class BulkBeat:
+    """Concurrent mode's heartbeat: the daemon's heartbeat loop, every supervisor's
+    beat in one ``Heartbeats`` (one statement), timed back to back. Each beat
+    counts as a save point; its latency is the statement's."""
+
+    name = "heartbeat"
+    what = "store.beat(Heartbeats(all M beats))"
+
+    async def run(self, ctx: Context, seconds: float, *, timed: bool) -> Sample:
+        everyone = ctx.everyone()
+        latencies: list[float] = []
+        cpu = time.process_time()
+        start = time.perf_counter()
+        n = 0
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            await ctx.makima.heartbeat_all(everyone, n)
+            latencies.extend([time.perf_counter() - t0] * len(everyone))
+            n += 1
+        return Sample(latencies, time.perf_counter() - start, time.process_time() - cpu)
 
 
 async def forget_tasks(ctx: Context, timed: bool) -> None:
     await ctx.makima.forget_spawned_tasks()
 
 
-def makima_lines(answers: AnswerAll) -> list[Measured]:
+def makima_lines(answers: AnswerAll, *, bulk_beat: bool) -> list[Line]:
+    beat: Line = (
+        BulkBeat()
+        if bulk_beat
+        else Measured("heartbeat", "store.beat(Heartbeats(1 beat))", heartbeat)
+    )
     return [
-        Measured("state_change", "update_supervisor_detailed_state", state_change),
-        Measured("heartbeat", "update_supervisor_heartbeat_state", heartbeat),
-        Measured("phase_change", "record_phase_change", phase_change),
+        Measured("state_change", "store.change_state(StateChange)", state_change),
+        beat,
+        Measured("phase_change", "store.change_phase(PhaseChange)", phase_change),
+        Measured("checkpoint", "store.save_checkpoint(CheckpointSaved)", checkpoint),
+        Measured("message", "store.add_message(MessageAdded)", message),
         Measured(
             "question_asked",
-            "record_question_asked",
+            "store.ask_question(QuestionAsked)",
             question_asked,
             QUESTIONS_PER_SUPERVISOR,
             answers,
         ),
-        Measured("task_spawned", "create_task", task_spawned, TASKS_PER_SUPERVISOR, forget_tasks),
+        Measured(
+            "task_spawned",
+            "store.spawn_task(TaskSpawned)",
+            task_spawned,
+            TASKS_PER_SUPERVISOR,
+            forget_tasks,
+        ),
         Measured(
             "mix",
-            "10 save points: 4 state, 2 beat, phase, task, ask, answer",
+            "12: 4 state, 2 msg, phase, ckpt, task, ask, answer, delivered",
             mix,
             len(MIX) * TASKS_PER_SUPERVISOR,
             forget_tasks,
@@ -403,7 +555,11 @@ def makima_lines(answers: AnswerAll) -> list[Measured]:
     ]
 
 
-ANSWER_WHAT = "get_question + answer_question + mark_answer_delivered"
+# Timed between question phases (AnswerAll), not lines of the plan.
+ANSWER_WHAT = {
+    "question_answered": "store.answer_question(QuestionAnswered)",
+    "answer_delivered": "store.deliver_answers(AnswersDelivered)",
+}
 
 
 # --------------------------------------------------------------------------- peers
@@ -597,6 +753,7 @@ async def make_context(
         keys=[list(range(n))[w::workers] for w in range(workers)],
         asked=[[] for _ in range(workers)],
         mix_open=[None] * workers,
+        mix_answered=[None] * workers,
     )
 
 
@@ -611,6 +768,7 @@ async def run_rounds(
     so a disturbance (a slow disk, a noisy neighbour) hits every line alike."""
     rounds: dict[str, list[Sample]] = {line.name: [] for line in plan}
     rounds["question_answered"] = []
+    rounds["answer_delivered"] = []
     for line in plan:
         await line.run(ctx, args.warmup, timed=False)
     answers.take()
@@ -620,7 +778,9 @@ async def run_rounds(
         for line in [*plan[shift:], *plan[:shift]]:
             rounds[line.name].append(await line.run(ctx, seconds / args.rounds, timed=True))
             if line.name == "question_asked":
-                rounds["question_answered"].append(answers.take())
+                answered, delivered = answers.take()
+                rounds["question_answered"].append(answered)
+                rounds["answer_delivered"].append(delivered)
     return rounds
 
 
@@ -637,11 +797,11 @@ async def serial_mode(
         ctx = await make_context(makima, floor, 1, args.supervisors)
         answers = AnswerAll()
         floor_line = Measured("floor", "raw asyncpg upsert, dedicated conn", floor_upsert)
-        plan: list[Line] = [floor_line, *makima_lines(answers), *peers]
+        plan: list[Line] = [floor_line, *makima_lines(answers, bulk_beat=False), *peers]
         rounds = await run_rounds(args, ctx, plan, answers, args.seconds)
     finally:
         await floor_conn.close()
-    what = {line.name: line.what for line in plan} | {"question_answered": ANSWER_WHAT}
+    what = {line.name: line.what for line in plan} | ANSWER_WHAT
     return {"mode": "serial", "results": results(rounds, what, by="p50")}
 
 
@@ -664,12 +824,12 @@ async def concurrent_mode(
         ctx = await make_context(makima, floor, m, m)
         answers = AnswerAll()
         floor_line = Measured("floor", f"raw asyncpg upsert, pool of {args.pool}", floor_upsert)
-        plan: list[Line] = [floor_line, *makima_lines(answers)]
+        plan: list[Line] = [floor_line, *makima_lines(answers, bulk_beat=True)]
         rounds = await run_rounds(args, ctx, plan, answers, args.concurrent_seconds)
     finally:
         with anyio.CancelScope(shield=True):
             await floor_pool.close()
-    what = {line.name: line.what for line in plan} | {"question_answered": ANSWER_WHAT}
+    what = {line.name: line.what for line in plan} | ANSWER_WHAT
     return {"mode": "concurrent", "results": results(rounds, what, by="ops")}
 
 
@@ -678,8 +838,11 @@ LINE_ORDER = (
     "state_change",
     "heartbeat",
     "phase_change",
+    "checkpoint",
+    "message",
     "question_asked",
     "question_answered",
+    "answer_delivered",
     "task_spawned",
     "mix",
     "dbos_step",
@@ -725,6 +888,7 @@ def results(
                 "ratio_min": round(min(per_round, default=float("nan")), 3),
                 "ratio_max": round(max(per_round, default=float("nan")), 3),
                 "client_cpu": round(s.cpu / s.elapsed, 2) if s.elapsed > 0 else 0.0,
+                "batch": round(s.batched / s.commits, 1) if s.commits else None,
             }
         )
     return out
@@ -739,14 +903,12 @@ async def bench(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     finally:
         await admin.close()
     say(args, f"PostgreSQL {facts['server_version']}")
-    size = max(args.pool, 2)
-    pool = await create_pool(target.makima, min_size=size, max_size=size)
+    makima = await Makima.open(makima_url(target.makima), max(args.pool, 2))
     modes = []
     skipped: list[str] = []
     peers: list[ThreadLine] = []
+    trips: dict[str, int] | None = None
     try:
-        await apply_schema(pool)
-        makima = Makima(pool)
         if args.mode in ("serial", "both"):
             if not args.no_peers:
                 peers, skipped = open_peers(target.peers, args)
@@ -755,16 +917,20 @@ async def bench(args: argparse.Namespace, target: Target) -> dict[str, Any]:
             modes.append(await serial_mode(args, target, makima, peers))
         if args.mode in ("concurrent", "both"):
             modes.append(await concurrent_mode(args, target, makima))
+        if isinstance(target.makima, ConnectParams):
+            say(args, "  counting round trips on the wire ...")
+            trips = await count_round_trips(target.makima)
+        else:
+            skipped.append("round trips: counted on the embedded server only")
     finally:
         for peer in peers:
             peer.close()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(10) as scope:
-            await pool.close()
-        if scope.cancelled_caught:
-            pool.terminate()
+        with anyio.CancelScope(shield=True):
+            await makima.close()
     return {
         "bench": "savepoints",
         "modes": modes,
+        "round_trips": trips,
         "skipped": skipped,
         "settings": {
             "seconds": args.seconds,
@@ -777,6 +943,118 @@ async def bench(args: argparse.Namespace, target: Target) -> dict[str, Any]:
         },
         "server": {"embedded": not args.database_url, **facts},
     }
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@dataclass
+class Wire:
+    """What the proxied connections said: round trips (ReadyForQuery messages)."""
+
+    round_trips: int = 0
+
+
+def _count(wire: Wire, buffer: bytearray) -> None:
+    """Consume whole server messages from ``buffer``: type byte, int32 length."""
+    while len(buffer) >= 5:
+        length = int.from_bytes(buffer[1:5], "big")
+        if len(buffer) < 1 + length:
+            return
+        if buffer[0:1] == b"Z":  # ReadyForQuery: once per Sync or simple Query
+            wire.round_trips += 1
+        del buffer[: 1 + length]
+
+
+@asynccontextmanager
+async def counting_proxy(server: ConnectParams) -> AsyncIterator[tuple[str, Wire]]:
+    """A URL that reaches the embedded ``server`` through a Unix socket proxy
+    counting round trips (as tests/integration/test_store_committer.py does)."""
+    directory = Path(tempfile.mkdtemp(prefix="mkp-", dir="/tmp"))
+    target = str(Path(server.host) / f".s.PGSQL.{server.port}")
+    wire = Wire()
+
+    async def pump(
+        src: anyio.abc.SocketStream,
+        dst: anyio.abc.SocketStream,
+        done: anyio.CancelScope,
+        count: bool,
+    ) -> None:
+        buffer = bytearray()
+        try:
+            async for chunk in src:
+                if count:
+                    buffer += chunk
+                    _count(wire, buffer)  # before the client can see it
+                await dst.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        done.cancel()
+
+    async def handle(client: anyio.abc.SocketStream) -> None:
+        async with (
+            client,
+            await anyio.connect_unix(target) as upstream,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(pump, upstream, client, tg.cancel_scope, True)
+            tg.start_soon(pump, client, upstream, tg.cancel_scope, False)
+
+    try:
+        listener = await anyio.create_unix_listener(directory / f".s.PGSQL.{server.port}")
+        password = f":{quote(server.password, safe='')}" if server.password else ""
+        url = (
+            f"postgresql://{quote(server.user, safe='')}{password}@/{server.database}"
+            f"?host={directory}&port={server.port}&sslmode=disable"
+        )
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, handle)
+            try:
+                yield url, wire
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def count_round_trips(server: ConnectParams) -> dict[str, int]:
+    """Each save point made twice through the counting proxy by a Makima of its own
+    (a pool of one connection); the second one is counted (the first prepares the
+    statement). The floor's UPSERT likewise, on a raw connection."""
+    async with counting_proxy(server) as (url, wire):
+        makima = await Makima.open(url, 1)
+        try:
+            s = await makima.create_supervisor(0)
+            await makima.state_change(s, 0)
+            questions = [await makima.question_asked(s, i) for i in range(2)]
+            ops: dict[str, Callable[[int], Awaitable[Any]]] = {
+                "state_change": lambda i: makima.state_change(s, i),
+                "heartbeat": lambda i: makima.heartbeat(s, i),
+                "phase_change": lambda i: makima.phase_change(s, i),
+                "checkpoint": lambda i: makima.checkpoint(s, i),
+                "message": lambda i: makima.message(s, i),
+                "question_answered": lambda i: makima.question_answered(s, questions[i]),
+                "answer_delivered": lambda i: makima.answer_delivered(s, questions[i]),
+                "question_asked": lambda i: makima.question_asked(s, i),
+                "task_spawned": lambda i: makima.task_spawned(s, i),
+            }
+            trips: dict[str, int] = {}
+            for name, op in ops.items():
+                await op(0)
+                before = wire.round_trips
+                await op(1)
+                trips[name] = wire.round_trips - before
+        finally:
+            await makima.close()
+        conn = await asyncpg.connect(url, timeout=30)
+        try:
+            await conn.execute(FLOOR_SQL, 0, "prepare")
+            before = wire.round_trips
+            await conn.execute(FLOOR_SQL, 0, "counted")
+            trips["floor"] = wire.round_trips - before
+        finally:
+            await conn.close()
+    return trips
 
 
 # --------------------------------------------------------------------------- the table
@@ -794,9 +1072,10 @@ def print_table(data: dict[str, Any]) -> None:
                 f"{settings['pool']}; x = ops/s / the floor's ops/s (lower is slower)"
             )
         print(title)
+        trips = data.get("round_trips") or {}
         header = (
             f"{'line':<18} {'timed call':<40} {'ops/s':>7} {'p50 ms':>7} {'p90 ms':>7} "
-            f"{'p99 ms':>7} {'x':>6} {'rounds':>11} {'cpu':>4}"
+            f"{'p99 ms':>7} {'x':>6} {'rounds':>11} {'cpu':>4} {'rt':>3} {'batch':>6}"
         )
         print(header)
         print("-" * len(header))
@@ -805,7 +1084,9 @@ def print_table(data: dict[str, Any]) -> None:
             print(
                 f"{r['name']:<18} {r['operation'][:40]:<40} {r['ops_per_s']:>7.0f} "
                 f"{r['p50_ms']:>7.2f} {r['p90_ms']:>7.2f} {r['p99_ms']:>7.2f} "
-                f"{r['ratio']:>6.2f} {spread:>11} {r['client_cpu']:>4.0%}"
+                f"{r['ratio']:>6.2f} {spread:>11} {r['client_cpu']:>4.0%} "
+                f"{trips.get(r['name'], '') if serial else '':>3} "
+                f"{'' if r['batch'] is None else format(r['batch'], '.1f'):>6}"
             )
         print()
     for line in data["skipped"]:
@@ -814,7 +1095,9 @@ def print_table(data: dict[str, Any]) -> None:
     where = "embedded" if server["embedded"] else "URL"
     print(
         "rounds = lowest-highest of the per-round ratios, each against the same round's floor; "
-        "cpu = this Python process's CPU time / wall time (100% = one core)"
+        "cpu = this Python process's CPU time / wall time (100% = one core); "
+        "rt = round trips of one such call alone, counted on the wire; "
+        "batch = save points per group-commit round trip"
     )
     print(
         f"PostgreSQL {server['server_version']} ({where}): fsync={server['fsync']}, "
@@ -842,6 +1125,11 @@ def libpq_url(params: ConnectParams) -> str:
     password = quote(params.password or "", safe="")
     query = urlencode({"host": params.host, "port": params.port})
     return f"postgresql://{quote(params.user, safe='')}:{password}@/{params.database}?{query}"
+
+
+def makima_url(target: ConnectParams | str) -> str:
+    """The URL makima's DatabaseConfig takes (the daemon's ``database_url``)."""
+    return target if isinstance(target, str) else libpq_url(target)
 
 
 async def prepare_embedded(params: ConnectParams, synchronous_commit: str | None) -> None:
