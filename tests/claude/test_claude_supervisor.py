@@ -105,6 +105,9 @@ async def test_restoration_after_kill_9(short_tmp: Path, db_params: ConnectParam
         final = await rig.until_state(supervisor_id, "completed", "failed")
         assert final["state"] == "completed", final
         assert final["restoration_count"] == 1
+        # Claude Code's counts: the two turns after the restart (the one cut off by
+        # the kill never reported its result)
+        assert final["result"]["claude"]["turns"] == 2
         last = rig.api.main_requests[-1]
         assert _occurrences(last, "Deploy to production?") >= 1
         answer_lines = [t for t in user_texts(last) if "answered your question" in t]

@@ -80,9 +80,14 @@ class Adapter:
         self.saved: dict[str, Any] = dict(saved) if isinstance(saved, dict) else {}
         self.stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self.final_text: str | None = None
-        self.turns = 0
-        self.cost_usd = 0.0
-        self.usage: dict[str, int] = {}
+        # Claude Code's counts, over every run of this supervisor's agent (checkpointed).
+        spent = self.saved.get("spent")
+        spent = spent if isinstance(spent, dict) else {}
+        self.turns = int(spent.get("turns", 0))
+        self.cost_usd = float(spent.get("cost_usd", 0.0))
+        usage = spent.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        self.usage: dict[str, int] = {k: v for k, v in usage.items() if isinstance(v, int)}
         self._last_assistant_error: str | None = None
         self._blocked_for = 0.0
 
@@ -198,6 +203,9 @@ class Adapter:
             if self.bridge.finish is not None:
                 await self._finish(self.bridge.finish)
                 return
+            await self._save(
+                spent={"turns": self.turns, "cost_usd": self.cost_usd, "usage": self.usage}
+            )
             judgement = judge(end)
             if judgement.verdict is Verdict.FAILED:
                 await self.agent.fail(judgement.reason)
