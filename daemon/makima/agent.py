@@ -8,6 +8,7 @@ One JSON object per line, UTF-8, at most 1 MiB a line. Every message has a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import json
@@ -19,10 +20,12 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import structlog
 
 from makima.childenv import child_environment
 from makima.errors import InvalidValueError, MakimaError
+from makima.eventloop import IdleLock
 from makima.jsonline import load_json_line, top_level_member, unstorable
 from makima.limits import HISTORY_PAGE_LIMIT, MAX_SEQ
 from makima.lines import MAX_LINE, LineBuffer, TooLong
@@ -42,6 +45,10 @@ log = structlog.get_logger("makima.agent")
 PROTOCOL_VERSION = 1
 REF_LIMIT = 256
 """The longest ``ref`` a reply echoes, in characters."""
+READ_SIZE = 1 << 16
+"""The most bytes one read from an agent's stdout or stderr takes."""
+STDERR_LINE = 64 * 1024
+"""The longest stderr line logged whole (a longer one is dropped)."""
 
 
 class AgentMessageType(enum.StrEnum):
@@ -348,17 +355,49 @@ def cancel_message(reason: str) -> dict[str, Any]:
 
 
 class AgentProcess:
-    """An agent child process in its own process group, speaking over stdio."""
+    """An agent child process in its own process group, speaking over stdio.
+
+    Its three pipes are plain non-blocking file descriptors the daemon reads and
+    writes itself (no asyncio transports, stream readers or a task per pipe): an
+    idle agent costs the daemon as little memory as possible. Its stderr is read
+    by a loop callback that logs each line; its stdout by :meth:`lines`; its
+    stdin is written by :meth:`send`, one whole line at a time.
+    """
+
+    __slots__ = (
+        "_send_lock",
+        "_stderr",
+        "_stderr_buffer",
+        "_stdin",
+        "_stdin_closed",
+        "_stdout",
+        "process",
+        "stuck",
+        "supervisor_id",
+        "write_timeout",
+    )
 
     def __init__(
-        self, process: anyio.abc.Process, supervisor_id: str, write_timeout: float = 30.0
+        self,
+        process: anyio.abc.Process,
+        supervisor_id: str,
+        write_timeout: float = 30.0,
+        *,
+        stdin: int,
+        stdout: int,
+        stderr: int,
     ) -> None:
         self.process = process
         self.supervisor_id = supervisor_id
         self.write_timeout = write_timeout
         self.stuck: str | None = None  # why the daemon gave up writing to it, if it did
-        self._send_lock = anyio.Lock()
+        self._send_lock = IdleLock()
+        self._stdin = stdin  # the daemon's ends of the pipes; -1 once closed
+        self._stdout = stdout
+        self._stderr = stderr
+        self._stderr_buffer: LineBuffer | None = None  # made on the first stderr bytes
         self._stdin_closed = False
+        asyncio.get_running_loop().add_reader(stderr, self._stderr_ready)
 
     @classmethod
     async def start(
@@ -374,19 +413,37 @@ class AgentProcess:
             env,
             {"MAKIMA_SUPERVISOR_ID": supervisor_id, "MAKIMA_PROTOCOL": str(PROTOCOL_VERSION)},
         )
-        process = await anyio.open_process(
-            list(command),
-            stdin=-1,
-            stdout=-1,
-            stderr=-1,
-            cwd=cwd,
-            env=full_env,
-            start_new_session=True,
-        )
+        ours: list[int] = []  # the daemon's ends (stdin, stdout, stderr), kept if it starts
+        theirs: list[int] = []  # the child's ends, closed here once it has them
+        try:
+            for child_reads in (True, False, False):
+                read_end, write_end = os.pipe()  # both close-on-exec
+                ours.append(write_end if child_reads else read_end)
+                theirs.append(read_end if child_reads else write_end)
+            process = await anyio.open_process(
+                list(command),
+                stdin=theirs[0],
+                stdout=theirs[1],
+                stderr=theirs[2],
+                cwd=cwd,
+                env=full_env,
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        for fd in ours:
+            os.set_blocking(fd, False)
         log.info(
             "agent.started", supervisor_id=supervisor_id, pid=process.pid, command=list(command)
         )
-        return cls(process, supervisor_id, write_timeout)
+        return cls(
+            process, supervisor_id, write_timeout, stdin=ours[0], stdout=ours[1], stderr=ours[2]
+        )
 
     @property
     def pid(self) -> int:
@@ -399,9 +456,6 @@ class AgentProcess:
         while the daemon has a line for it (its pipe is full) is stuck: it is
         killed, so that it never holds up anyone waiting to write to it.
         """
-        stdin = self.process.stdin
-        if stdin is None:
-            return False
         line = encode(message)
         if len(line) > MAX_LINE + 1:
             raise LineTooLongError(
@@ -413,7 +467,7 @@ class AgentProcess:
                 return False
             try:
                 with anyio.move_on_after(self.write_timeout) as scope:
-                    await stdin.send(line)
+                    await self._write(line)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 self._stdin_closed = True
                 return False
@@ -434,15 +488,31 @@ class AgentProcess:
                 return False
         return True
 
+    async def _write(self, data: bytes) -> None:
+        """All of ``data`` into the stdin pipe, waiting while it is full."""
+        view = memoryview(data)
+        while view:
+            if self._stdin < 0:
+                raise anyio.ClosedResourceError
+            try:
+                written = os.write(self._stdin, view)
+            except BlockingIOError:
+                written = -1
+            if written < 0:  # (not in the except block: the error is not kept meanwhile)
+                await anyio.wait_writable(self._stdin)
+            else:
+                view = view[written:]
+        await anyio.lowlevel.cancel_shielded_checkpoint()
+
     async def lines(self) -> AsyncIterator[Envelope | AgentProtocolError]:
         """Parsed lines from the agent's stdout until it closes."""
-        stdout = self.process.stdout
-        assert stdout is not None
         buffer = LineBuffer(MAX_LINE)
         while True:
             try:
-                data = await stdout.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                data = await self._read_stdout()
+            except (anyio.ClosedResourceError, OSError):
+                return
+            if not data:
                 return
             for item in buffer.feed(data):
                 if isinstance(item, TooLong):
@@ -457,30 +527,61 @@ class AgentProcess:
                 except AgentProtocolError as exc:
                     yield exc
 
-    async def pump_stderr(self) -> None:
-        """Log what the agent writes on stderr, line by line."""
-        stderr = self.process.stderr
-        if stderr is None:
-            return
-        buffer = LineBuffer(64 * 1024)
+    async def _read_stdout(self) -> bytes:
+        """The next bytes the agent wrote on stdout; empty at its end."""
         while True:
+            if self._stdout < 0:
+                return b""
             try:
-                data = await stderr.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-            for item in buffer.feed(data):
-                if isinstance(item, bytes) and item.strip():
-                    log.info(
-                        "agent.stderr",
-                        supervisor_id=self.supervisor_id,
-                        line=item.decode("utf-8", errors="replace"),
-                    )
+                data: bytes | None = os.read(self._stdout, READ_SIZE)
+            except BlockingIOError:
+                data = None
+            if data is not None:
+                await anyio.lowlevel.checkpoint()
+                return data
+            # Waited on outside the except block, which would keep the error (and
+            # its traceback) alive for as long as an idle agent says nothing.
+            await anyio.wait_readable(self._stdout)
+
+    def _stderr_ready(self) -> None:
+        """A loop callback: log what the agent wrote on stderr, line by line."""
+        try:
+            data = os.read(self._stderr, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_stderr()
+            return
+        if self._stderr_buffer is None:
+            self._stderr_buffer = LineBuffer(STDERR_LINE)
+        for item in self._stderr_buffer.feed(data):
+            if isinstance(item, bytes) and item.strip():
+                log.info(
+                    "agent.stderr",
+                    supervisor_id=self.supervisor_id,
+                    line=item.decode("utf-8", errors="replace"),
+                )
+
+    def _close_stderr(self) -> None:
+        if self._stderr >= 0:
+            asyncio.get_running_loop().remove_reader(self._stderr)
+            os.close(self._stderr)
+            self._stderr = -1
+            self._stderr_buffer = None
+
+    @staticmethod
+    def _close(fd: int) -> None:
+        if fd >= 0:
+            anyio.notify_closing(fd)  # a task waiting on it gets ClosedResourceError
+            os.close(fd)
 
     async def close_stdin(self) -> None:
         self._stdin_closed = True
-        if self.process.stdin is not None:
-            with contextlib.suppress(Exception):
-                await self.process.stdin.aclose()
+        fd, self._stdin = self._stdin, -1
+        self._close(fd)
+        await anyio.lowlevel.checkpoint()
 
     def signal_group(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -508,4 +609,9 @@ class AgentProcess:
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
             self.signal_group(signal.SIGKILL)
+            self._stdin_closed = True
+            stdin, stdout, self._stdin, self._stdout = self._stdin, self._stdout, -1, -1
+            self._close(stdin)
+            self._close(stdout)
+            self._close_stderr()
             await self.process.aclose()

@@ -92,6 +92,7 @@ class Runner:
         self._wake: anyio.Event | None = None
         self._resume: _Waiter | None = None
         self._restoring = False
+        self._start: tuple[Mapping[str, Any] | None, AfterStart] = (None, None)
 
     @property
     def id(self) -> uuid.UUID:
@@ -100,8 +101,11 @@ class Runner:
     # ----------------------------------------------------------------- the loop
 
     async def run(self, restoration: Mapping[str, Any] | None, after: AfterStart) -> None:
+        # Handed over, not kept in this frame: the supervisor drops them once used.
+        self._start = (restoration, after)
+        del restoration, after
         try:
-            await self._loop(restoration, after)
+            await self._loop()
         except* Exception as group:  # noqa: BLE001 - the crash boundary (a cancellation
             await self.crash(group, "running its agent")  # that came with it goes on)
         finally:
@@ -109,14 +113,18 @@ class Runner:
             if self._resume is not None:
                 self._resume.done.set()
 
-    async def _loop(self, restoration: Mapping[str, Any] | None, after: AfterStart) -> None:
+    def _take_start(self) -> tuple[Mapping[str, Any] | None, AfterStart]:
+        start, self._start = self._start, (None, None)
+        return start
+
+    async def _loop(self) -> None:
         supervisor = self.supervisor
         restarts: tuple[float, ...] = ()
         while True:
             self.restorer.faults.reached(
                 SavePoint.LAUNCH, Moment.BEFORE_COMMIT, supervisor.spec.name
             )
-            ended = await supervisor.run(restoration, after)
+            ended = await supervisor.run(*self._take_start())
             if ended.finished or ended.stopped in (StopReason.SHUTDOWN, StopReason.CANCEL):
                 return
             if ended.stopped is StopReason.RESTART:
@@ -159,8 +167,11 @@ class Runner:
                 waiter.done.set()
             if not plan.launches:
                 return
-            restoration = payload.restoration
-            after = after_start(self.restorer, supervisor, plan, payload)
+            self._start = (
+                payload.restoration,
+                after_start(self.restorer, supervisor, plan, payload),
+            )
+            del plan, payload
 
     async def resume(self) -> RestorationInfo:
         """A manual resume: restart the agent through restoration, now."""

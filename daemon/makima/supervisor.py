@@ -47,6 +47,7 @@ from makima.agent import (
     tasks_done_message,
 )
 from makima.errors import IllegalTransitionError, InvalidValueError, MakimaError, TooLargeError
+from makima.eventloop import IdleLock
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
 from makima.limits import (
@@ -168,7 +169,7 @@ class Supervisor:
         self.write_timeout = write_timeout
         self.finish_linger = finish_linger
         self.agent: AgentProcess | None = None
-        self._lock = anyio.Lock()
+        self._lock = IdleLock()  # an idle supervisor holds no lock object
         self._running_tasks: dict[uuid.UUID, anyio.CancelScope] = {}
         self._waiting_for_tasks = state.state is SupervisorStateEnum.WAITING_FOR_TASKS
         self._stop_reason: StopReason | None = None
@@ -186,7 +187,23 @@ class Supervisor:
         self._finished_at: float | None = None  # when done or fail was acknowledged
         self._last_line_at = 0.0
         self._handling = False
-        self.stopped = anyio.Event()
+        self._stopped: anyio.Event | None = None  # made when someone waits
+        self._has_stopped = False
+
+    @property
+    def stopped(self) -> anyio.Event:
+        """Set when the current run of the agent is over (made only when asked for:
+        an idle supervisor keeps no event)."""
+        if self._stopped is None:
+            self._stopped = anyio.Event()
+            if self._has_stopped:
+                self._stopped.set()
+        return self._stopped
+
+    def _set_stopped(self) -> None:
+        self._has_stopped = True
+        if self._stopped is not None:
+            self._stopped.set()
 
     @property
     def id(self) -> uuid.UUID:
@@ -298,7 +315,8 @@ class Supervisor:
         after_start: Callable[[], Awaitable[None]] | None = None,
     ) -> AgentExit:
         """Start the agent, feed it, apply what it says until it exits."""
-        self.stopped = anyio.Event()
+        self._stopped = None
+        self._has_stopped = False
         if self._stop_reason is not None or self.state.state.is_terminal:
             # Cancelled, resumed or shut down while the agent was about to start.
             return self._ended(None, self.state.state.is_terminal)
@@ -318,25 +336,29 @@ class Supervisor:
                     Event.FAIL,
                     error_message=f"could not start agent {self.spec.agent_command[0]!r}: {exc}",
                 )
-            self.stopped.set()
+            self._set_stopped()
             return AgentExit(None, True, None)
         self.agent = agent
         exit_code: int | None = None
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
-                tg.start_soon(agent.pump_stderr)
                 async with self._lock:
                     if is_allowed(self.state.state, Event.AGENT_STARTED) and (
                         transition(self.state.state, Event.AGENT_STARTED) is not self.state.state
                     ):
                         await self._change(Event.AGENT_STARTED)
                 # A stop that came while the agent was starting found no agent to stop.
-                if self._stop_reason is None and await agent.send(
-                    start_message(str(self.id), self.spec.name, self.spec.goal, restoration)
-                ):
+                # The restoration and its follow-up are dropped once used: a waiting
+                # supervisor keeps no copy of what its agent was started with.
+                start = start_message(str(self.id), self.spec.name, self.spec.goal, restoration)
+                restoration = None
+                sent = self._stop_reason is None and await agent.send(start)
+                del start
+                if sent:
                     if after_start is not None:
                         await after_start()
+                        after_start = None
                     self._started = True
                     await self._send_held_answers()
                     async for item in agent.lines():
@@ -373,7 +395,7 @@ class Supervisor:
     def _ended(self, exit_code: int | None, finished: bool) -> AgentExit:
         """The run is over: the stop that ended it is consumed."""
         reason, self._stop_reason = self._stop_reason, None
-        self.stopped.set()
+        self._set_stopped()
         return AgentExit(exit_code, finished, reason)
 
     async def _await_exit(self, agent: AgentProcess) -> int:

@@ -157,3 +157,49 @@ def test_without_a_handler_errors_are_logged_as_events() -> None:
 )
 def test_is_cancelled_wakeup_needs_all_the_signs(context: dict[str, Any]) -> None:
     assert not eventloop.is_cancelled_wakeup(context)
+
+
+# --------------------------------------------------------------------------- IdleLock
+
+
+@pytest.mark.anyio
+async def test_idle_lock_excludes_and_exists_only_while_used() -> None:
+    lock = eventloop.IdleLock()
+    assert not lock.locked() and lock.statistics().tasks_waiting == 0
+    order: list[str] = []
+    second_waiting = anyio.Event()
+
+    async def second() -> None:
+        second_waiting.set()
+        async with lock:
+            order.append("second")
+
+    async with anyio.create_task_group() as tg, lock:
+        assert lock.locked()
+        tg.start_soon(second)
+        await second_waiting.wait()
+        with anyio.fail_after(5):
+            while lock.statistics().tasks_waiting != 1:
+                await anyio.lowlevel.checkpoint()
+        order.append("first")
+    assert order == ["first", "second"]
+    assert not lock.locked() and lock._lock is None  # dropped once free
+
+
+@pytest.mark.anyio
+async def test_idle_lock_survives_a_cancelled_waiter() -> None:
+    lock = eventloop.IdleLock()
+
+    async def waiter() -> None:
+        async with lock:
+            raise AssertionError("acquired a held lock")
+
+    async with lock, anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        with anyio.fail_after(5):
+            while lock.statistics().tasks_waiting != 1:
+                await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
+    assert not lock.locked() and lock._lock is None
+    async with lock:
+        assert lock.locked()
