@@ -216,6 +216,7 @@ class Daemon:
                 # the agents are spawned now, without holding READY back.
                 self._starting.update(p.supervisor_id for p in plans)
                 tg.start_soon(self.launch_plans, plans)
+                del plans  # held by launch_plans only while it launches them
                 await self._shutdown.wait()
                 self.notifier.stopping()
                 log.info("daemon.stopping", supervisors=len(self.supervisors))

@@ -4,6 +4,7 @@ and the agents spawned after it."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -95,9 +96,13 @@ async def test_ready_comes_before_the_agents_are_spawned(
         assert {q.question_id for q in listed} == set(question_ids)
         assert {q.redelivery_count for q in listed} == {1}
         restored = 0
-        with anyio.fail_after(DEADLINE):
-            async for _ in events:
-                restored += 1
-                if restored == 4:
-                    break
+        try:
+            with anyio.fail_after(DEADLINE):
+                async with contextlib.aclosing(aiter(events)) as stream:
+                    async for _ in stream:
+                        restored += 1
+                        if restored == 4:
+                            break
+        finally:
+            events.close()
         assert daemon.agents_starting == 0
