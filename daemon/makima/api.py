@@ -21,7 +21,16 @@ from makima.control.server import MethodNotFoundError, Peer, Reply, Stream
 from makima.database import Database
 from makima.errors import InvalidParamsError, InvalidValueError, NotFoundError
 from makima.events import EventBus, EventKind
-from makima.limits import ANSWER_LIMIT, GOAL_LIMIT, HISTORY_LIMIT, MAX_SEQ, NAME_LIMIT, fit_newest
+from makima.limits import (
+    ANSWER_LIMIT,
+    GOAL_LIMIT,
+    HISTORY_LIMIT,
+    LINE_BUDGET,
+    MAX_SEQ,
+    NAME_LIMIT,
+    encoded_size,
+    fit_newest,
+)
 from makima.model import (
     QuestionRecord,
     RestorationInfo,
@@ -158,6 +167,33 @@ def question_view(record: QuestionRecord) -> dict[str, Any]:
     }
 
 
+REPORT_BUDGET = 256 * 1024
+"""Bytes of startup-report entries ``daemon.status`` carries (its counts always)."""
+
+
+def fit_report(report: dict[str, Any] | None, budget: int = REPORT_BUDGET) -> Any:
+    """The startup report as ``daemon.status`` sends it: every count, and the entries
+    that need a look (failed, fresh, reverted, repaired) before the restored ones,
+    as many as fit in ``budget``; ``omitted`` counts the others (pure)."""
+    if report is None:
+        return None
+    fitted: dict[str, Any] = {"counts": report.get("counts", {})}
+    used = 0
+    omitted = 0
+    for outcome in ("failed", "fresh", "reverted", "repaired", "restored"):
+        entries = report.get(outcome, [])
+        kept: list[Any] = []
+        for entry in entries:
+            used += encoded_size(entry) + 1
+            if used > budget:
+                omitted += len(entries) - len(kept)
+                break
+            kept.append(entry)
+        fitted[outcome] = kept
+    fitted["omitted"] = omitted
+    return fitted
+
+
 class ControlApi:
     """Dispatches makima-control/1 methods to the daemon."""
 
@@ -211,7 +247,7 @@ class ControlApi:
                 "running_agents": sum(1 for s in d.supervisors.values() if s.agent is not None),
                 "agents_starting": d.agents_starting,
                 "pending_questions": len(open_questions),
-                "last_startup_report": d.startup_report,
+                "last_startup_report": fit_report(d.startup_report),
             }
         )
 
@@ -324,7 +360,17 @@ class ControlApi:
         _only(params, {"supervisor_id"})
         supervisor_id = _uuid(params, "supervisor_id") if "supervisor_id" in params else None
         records = await self.daemon.store.list_open_questions(supervisor_id)
-        return Reply({"questions": [question_view(r) for r in records]})
+        # The oldest first, as many as fit in one line; the count of the rest.
+        views: list[dict[str, Any]] = []
+        used = 0
+        for record in records:
+            view = question_view(record)
+            used += encoded_size(view) + 1
+            if used > LINE_BUDGET:
+                break
+            views.append(view)
+        omitted = len(records) - len(views)
+        return Reply({"questions": views, "more": omitted > 0, "omitted": omitted})
 
     async def answer(self, peer: Peer, params: dict[str, Any]) -> Reply:
         _only(params, {"question_id", "answer"})

@@ -554,7 +554,14 @@ def questions(supervisor: str | None, as_json: bool, socket_path: Path | None) -
             params["supervisor_id"] = await resolve_id(client, supervisor, "supervisor")
         return await client.call("question.list", params)
 
-    rows = run_client(socket_path, action)["questions"]
+    listed = run_client(socket_path, action)
+    rows = listed["questions"]
+    if listed.get("omitted"):
+        err.print(
+            f"{listed['omitted']} newer open questions are not shown (one reply holds at most "
+            "1 MiB): answer these first, or narrow with --supervisor",
+            markup=False,
+        )
     if as_json:
         print_json(rows)
         return

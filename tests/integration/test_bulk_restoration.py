@@ -22,7 +22,7 @@ from makima.model import PendingQuestion, SupervisorSpec
 from makima.model import SupervisorStateEnum as S
 from makima.restoration import Restorer, restore_all
 from makima.store import MessageAdded, QuestionAsked, Store, SupervisorCreated
-from tests.harness import DEADLINE, daemon_config, running_daemon
+from tests.harness import DEADLINE, client_for, daemon_config, running_daemon
 from tests.integration.test_store_committer import Wire, counting_proxy
 
 pytestmark = pytest.mark.anyio
@@ -106,3 +106,30 @@ async def test_ready_comes_before_the_agents_are_spawned(
         finally:
             events.close()
         assert daemon.agents_starting == 0
+
+
+async def test_a_long_question_list_is_cut_to_one_line(
+    db_params: ConnectParams, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of open questions would pass the 1 MiB line: the oldest that fit
+    are listed, and the rest counted (a small budget stands in for 1 MiB)."""
+    from makima import api
+    from tests.integration.test_cli import makima
+
+    config = daemon_config(db_params, short_tmp)
+    db = await Database.open(DatabaseConfig(state_dir=short_tmp, url=config.database_url))
+    try:
+        question_ids = await seed(Store(db), 6)
+    finally:
+        await db.close()
+    monkeypatch.setattr(api, "LINE_BUDGET", 700)
+    async with running_daemon(config) as daemon:
+        async with client_for(daemon) as client:
+            listed = await client.call("question.list")
+        shown = [q["question_id"] for q in listed["questions"]]
+        assert 0 < len(shown) < 6 and listed["more"] is True
+        assert listed["omitted"] == 6 - len(shown)
+        assert shown == [str(q) for q in question_ids[: len(shown)]]  # the oldest first
+        run = await makima(config.socket_path, "questions")
+        assert run.code == 0, run
+        assert f"{6 - len(shown)} newer open questions are not shown" in run.err

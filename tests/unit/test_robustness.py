@@ -251,3 +251,20 @@ def test_a_long_ref_is_not_echoed() -> None:
     with pytest.raises(AgentProtocolError) as unknown:
         parse_agent_line(b'{"type":"' + b"t" * 100_000 + b'","ref":1}')
     assert unknown.value.ref == 1 and len(str(unknown.value)) < 400
+
+
+def test_the_startup_report_in_status_is_bounded() -> None:
+    from makima.api import fit_report
+
+    entry = {"supervisor_id": "x" * 36, "name": "n" * 50, "state": "working", "issues": []}
+    report = {
+        "counts": {"restored": 20_000, "failed": 2},
+        "restored": [entry] * 20_000,
+        "failed": [{**entry, "issues": ["broken"]}] * 2,
+    }
+    fitted = fit_report(report, budget=64 * 1024)
+    assert fitted["counts"] == report["counts"]
+    assert len(fitted["failed"]) == 2  # what needs a look comes first
+    assert 0 < len(fitted["restored"]) < 20_000
+    assert fitted["omitted"] == 20_000 - len(fitted["restored"])
+    assert fit_report(None) is None
