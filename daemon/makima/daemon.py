@@ -115,8 +115,8 @@ class Daemon:
         self.bus = EventBus()
         self.runners: dict[uuid.UUID, Runner] = {}
         self._starting: set[uuid.UUID] = set()  # restored, their agents not yet started
-        self._in_flight: set[uuid.UUID] = set()  # of those, launched
-        self._launch_slot = anyio.Event()
+        self._in_flight: set[uuid.UUID] = set()  # of those, being started
+        self._launch_window = anyio.Semaphore(LAUNCH_WINDOW)
         self.startup_report: dict[str, Any] | None = None
         self.restart_policy = RestartPolicy(
             limit=config.agent_restart_limit,
@@ -214,9 +214,8 @@ class Daemon:
                 task_status.started(self)
                 # Every question is listed and re-delivered and the socket is served:
                 # the agents are spawned now, without holding READY back.
-                self._starting.update(p.supervisor_id for p in plans)
-                tg.start_soon(self.launch_plans, plans)
-                del plans  # held by launch_plans only while it launches them
+                self.launch_plans(plans)
+                del plans  # each runner keeps what its own agent needs
                 await self._shutdown.wait()
                 self.notifier.stopping()
                 log.info("daemon.stopping", supervisors=len(self.supervisors))
@@ -317,15 +316,16 @@ class Daemon:
         supervisor: Supervisor,
         restoration: Mapping[str, Any] | None = None,
         after_start: Callable[[], Awaitable[None]] | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> Runner:
         if self._task_group is None:
             raise RuntimeError("the daemon is not running")
         runner = Runner(supervisor, self.restorer, self.restart_policy, self._runner_ended)
         self.runners[supervisor.id] = runner
-        self._task_group.start_soon(runner.run, restoration, after_start)
+        self._task_group.start_soon(runner.run, restoration, after_start, gate)
         return runner
 
-    def launch_plan(self, plan: Plan) -> Runner:
+    def launch_plan(self, plan: Plan, gate: Callable[[], Awaitable[None]] | None = None) -> Runner:
         supervisor = self.new_supervisor(plan.loaded.spec, plan.state)
         payload = start_payload(plan)
         supervisor.reset(plan.state, payload.given)
@@ -335,7 +335,7 @@ class Daemon:
             self._agent_started(supervisor.id)
             await then()
 
-        return self.launch(supervisor, payload.restoration, started)
+        return self.launch(supervisor, payload.restoration, started, gate)
 
     def _runner_ended(self, runner: Runner) -> None:
         self._agent_started(runner.id)
@@ -445,25 +445,28 @@ class Daemon:
         self.startup_report, plans = await restore_all(self.restorer)
         return plans
 
-    async def launch_plans(self, plans: Sequence[Plan]) -> None:
-        """Start the restored agents, at most :data:`LAUNCH_WINDOW` at a time until
-        each has its ``start`` line, so that thousands of agents starting never
-        starve the control socket. :attr:`agents_starting` counts those waiting."""
+    def launch_plans(self, plans: Sequence[Plan]) -> None:
+        """Run the restored supervisors: each is live at once (answers, cancels and
+        resumes reach it), but their agents start at most :data:`LAUNCH_WINDOW` at a
+        time, each until it has its ``start`` line, so that thousands of agents
+        starting never starve the control socket. :attr:`agents_starting` counts
+        those not yet started."""
         for plan in plans:
-            while len(self._in_flight) >= LAUNCH_WINDOW:
-                self._launch_slot = anyio.Event()
-                await self._launch_slot.wait()
-            if self._shutdown.is_set():
-                return  # not launched: restored again at the next start
             self._starting.add(plan.supervisor_id)
-            self._in_flight.add(plan.supervisor_id)
-            self.launch_plan(plan)
+            self.launch_plan(plan, gate=self._launch_turn(plan.supervisor_id))
+
+    def _launch_turn(self, supervisor_id: uuid.UUID) -> Callable[[], Awaitable[None]]:
+        async def turn() -> None:
+            await self._launch_window.acquire()  # FIFO: in restoration order
+            self._in_flight.add(supervisor_id)
+
+        return turn
 
     def _agent_started(self, supervisor_id: uuid.UUID) -> None:
         self._starting.discard(supervisor_id)
         if supervisor_id in self._in_flight:
             self._in_flight.discard(supervisor_id)
-            self._launch_slot.set()
+            self._launch_window.release()
 
     @property
     def agents_starting(self) -> int:

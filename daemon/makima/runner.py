@@ -100,11 +100,19 @@ class Runner:
 
     # ----------------------------------------------------------------- the loop
 
-    async def run(self, restoration: Mapping[str, Any] | None, after: AfterStart) -> None:
+    async def run(
+        self,
+        restoration: Mapping[str, Any] | None,
+        after: AfterStart,
+        gate: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Run the supervisor's agent (after ``gate``, when given: a turn to start it)."""
         # Handed over, not kept in this frame: the supervisor drops them once used.
         self._start = (restoration, after)
         del restoration, after
         try:
+            if gate is not None:
+                await gate()
             await self._loop()
         except* Exception as group:  # noqa: BLE001 - the crash boundary (a cancellation
             await self.crash(group, "running its agent")  # that came with it goes on)

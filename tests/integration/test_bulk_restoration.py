@@ -133,3 +133,27 @@ async def test_a_long_question_list_is_cut_to_one_line(
         run = await makima(config.socket_path, "questions")
         assert run.code == 0, run
         assert f"{6 - len(shown)} newer open questions are not shown" in run.err
+
+
+async def test_a_supervisor_waiting_for_its_turn_to_start_takes_answers(
+    db_params: ConnectParams, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its agent is not started yet (no turn is ever free here), but it is live: its
+    question is answered and held for the agent's start."""
+    from makima import daemon as daemon_module
+
+    config = daemon_config(db_params, short_tmp)
+    db = await Database.open(DatabaseConfig(state_dir=short_tmp, url=config.database_url))
+    try:
+        question_ids = await seed(Store(db), 2)
+    finally:
+        await db.close()
+    monkeypatch.setattr(daemon_module, "LAUNCH_WINDOW", 0)
+    async with running_daemon(config) as daemon, client_for(daemon) as client:
+        assert daemon.agents_starting == 2
+        reply = await client.call(
+            "question.answer", {"question_id": str(question_ids[0]), "answer": "yes"}
+        )
+        assert reply["answer"] == "yes"
+        status = await client.call("daemon.status")
+        assert status["agents_starting"] == 2 and status["pending_questions"] == 1
