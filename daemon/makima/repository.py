@@ -339,6 +339,21 @@ async def remove_supervisor_pending_question(
     return version is not None
 
 
+# What a whole state written again changes: everything but the restoration
+# bookkeeping (count, time, source), which only the restoration count writes.
+_STATE_UPSERT = (
+    "ON CONFLICT (supervisor_id) DO UPDATE SET state = EXCLUDED.state, "
+    "phase = EXCLUDED.phase, current_activity = EXCLUDED.current_activity, "
+    "progress = EXCLUDED.progress, error_message = EXCLUDED.error_message, "
+    "spawned_task_ids = EXCLUDED.spawned_task_ids, "
+    "pending_questions = EXCLUDED.pending_questions, "
+    "checkpoint_data = EXCLUDED.checkpoint_data, "
+    "last_heartbeat = EXCLUDED.last_heartbeat, "
+    "owner_daemon_id = EXCLUDED.owner_daemon_id, lease_epoch = EXCLUDED.lease_epoch, "
+    "version = st.version + 1, updated_at = now()"
+)
+
+
 async def save_supervisor_state_full(db: Db, state: SupervisorState) -> int:
     """UPSERT a whole state. Returns the new version.
 
@@ -353,15 +368,7 @@ async def save_supervisor_state_full(db: Db, state: SupervisorState) -> int:
         "last_restored_at, restoration_source, checkpoint_data, last_heartbeat, "
         "owner_daemon_id, lease_epoch, version) "
         "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1) "
-        "ON CONFLICT (supervisor_id) DO UPDATE SET state = EXCLUDED.state, "
-        "phase = EXCLUDED.phase, current_activity = EXCLUDED.current_activity, "
-        "progress = EXCLUDED.progress, error_message = EXCLUDED.error_message, "
-        "spawned_task_ids = EXCLUDED.spawned_task_ids, "
-        "pending_questions = EXCLUDED.pending_questions, "
-        "checkpoint_data = EXCLUDED.checkpoint_data, "
-        "last_heartbeat = EXCLUDED.last_heartbeat, "
-        "owner_daemon_id = EXCLUDED.owner_daemon_id, lease_epoch = EXCLUDED.lease_epoch, "
-        "version = st.version + 1, updated_at = now() RETURNING version",
+        f"{_STATE_UPSERT} RETURNING version",
         state.supervisor_id,
         state.state.value,
         state.phase,
@@ -405,15 +412,7 @@ async def save_supervisor_states_full(
         "$13::timestamptz[], $14::uuid[], $15::bigint[]) AS b(supervisor_id, state, phase, "
         "activity, progress, error, tasks, questions, restorations, restored_at, source, "
         "checkpoint, heartbeat, owner, epoch) "
-        "ON CONFLICT (supervisor_id) DO UPDATE SET state = EXCLUDED.state, "
-        "phase = EXCLUDED.phase, current_activity = EXCLUDED.current_activity, "
-        "progress = EXCLUDED.progress, error_message = EXCLUDED.error_message, "
-        "spawned_task_ids = EXCLUDED.spawned_task_ids, "
-        "pending_questions = EXCLUDED.pending_questions, "
-        "checkpoint_data = EXCLUDED.checkpoint_data, "
-        "last_heartbeat = EXCLUDED.last_heartbeat, "
-        "owner_daemon_id = EXCLUDED.owner_daemon_id, lease_epoch = EXCLUDED.lease_epoch, "
-        "version = st.version + 1, updated_at = now() RETURNING supervisor_id, version",
+        f"{_STATE_UPSERT} RETURNING supervisor_id, version",
         [s.supervisor_id for s in states],
         [s.state.value for s in states],
         [s.phase for s in states],

@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from makima.config import TaskRestartPolicy
+from makima.config import DaemonConfig, TaskRestartPolicy
 from makima.database import Database, DatabaseConfig
 from makima.embedded import ConnectParams
 from makima.events import EventBus
@@ -43,6 +43,18 @@ async def seed(store: Store, n: int) -> list[uuid.UUID]:
         await store.ask_question(QuestionAsked(spec.supervisor_id, question, S.WAITING_FOR_USER))
         question_ids.append(question.id)
     return question_ids
+
+
+async def seeded_daemon(
+    params: ConnectParams, short_tmp: Path, n: int
+) -> tuple[DaemonConfig, list[uuid.UUID]]:
+    """A daemon's settings over a database already holding ``n`` seeded supervisors."""
+    config = daemon_config(params, short_tmp)
+    db = await Database.open(DatabaseConfig(state_dir=short_tmp, url=config.database_url))
+    try:
+        return config, await seed(Store(db), n)
+    finally:
+        await db.close()
 
 
 @asynccontextmanager
@@ -81,12 +93,7 @@ async def test_statements_do_not_grow_with_supervisors(
 async def test_ready_comes_before_the_agents_are_spawned(
     db_params: ConnectParams, short_tmp: Path
 ) -> None:
-    config = daemon_config(db_params, short_tmp)
-    db = await Database.open(DatabaseConfig(state_dir=short_tmp, url=config.database_url))
-    try:
-        question_ids = await seed(Store(db), 4)
-    finally:
-        await db.close()
+    config, question_ids = await seeded_daemon(db_params, short_tmp, 4)
     async with running_daemon(config) as daemon:
         # READY: the socket is served, every question is listed and re-delivered,
         # and no agent has its start line yet.
@@ -116,12 +123,7 @@ async def test_a_long_question_list_is_cut_to_one_line(
     from makima import api
     from tests.integration.test_cli import makima
 
-    config = daemon_config(db_params, short_tmp)
-    db = await Database.open(DatabaseConfig(state_dir=short_tmp, url=config.database_url))
-    try:
-        question_ids = await seed(Store(db), 6)
-    finally:
-        await db.close()
+    config, question_ids = await seeded_daemon(db_params, short_tmp, 6)
     monkeypatch.setattr(api, "LINE_BUDGET", 700)
     async with running_daemon(config) as daemon:
         async with client_for(daemon) as client:
@@ -142,12 +144,7 @@ async def test_a_supervisor_waiting_for_its_turn_to_start_takes_answers(
     question is answered and held for the agent's start."""
     from makima import daemon as daemon_module
 
-    config = daemon_config(db_params, short_tmp)
-    db = await Database.open(DatabaseConfig(state_dir=short_tmp, url=config.database_url))
-    try:
-        question_ids = await seed(Store(db), 2)
-    finally:
-        await db.close()
+    config, question_ids = await seeded_daemon(db_params, short_tmp, 2)
     monkeypatch.setattr(daemon_module, "LAUNCH_WINDOW", 0)
     async with running_daemon(config) as daemon, client_for(daemon) as client:
         assert daemon.agents_starting == 2
