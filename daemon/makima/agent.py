@@ -351,6 +351,18 @@ def cancel_message(reason: str) -> dict[str, Any]:
     return {"type": "cancel", "reason": reason}
 
 
+def ping_message(valid_for: float) -> dict[str, Any]:
+    """A lease heartbeat: the daemon's lease is certainly valid for at least
+    ``valid_for`` more seconds from when this is sent.
+
+    Sent (only when leases are enforced) to every started agent after each
+    renewal. An agent that hears no further ping within ``valid_for`` seconds
+    of receiving this one must assume a peer may own its supervisor now and
+    stop itself (:mod:`makima.sdk` does; see ``EXIT_DAEMON_SILENT`` there).
+    """
+    return {"type": "ping", "valid_for": valid_for}
+
+
 # --------------------------------------------------------------------------- the process
 
 

@@ -32,6 +32,21 @@ What :func:`run` does for you:
   ``main`` is cancelled and the process exits at once; if ``main`` does not
   stop within ``exit_grace`` seconds the process is ended anyway, so no
   agent outlives its daemon.
+- When the daemon has gone silent past its lease, the agent stops itself.
+  A daemon sharing its database with peers under leases sends
+  ``{"type": "ping", "valid_for": S}`` after each lease renewal: its lease is
+  valid for at least S more seconds. Each ping re-arms a deadline S seconds
+  after its receipt, kept on a clock that counts while the machine is
+  suspended (``CLOCK_BOOTTIME`` on Linux, else ``time.monotonic``); other lines
+  do not extend it. If the deadline passes with no newer ping, a paused or
+  frozen daemon may have lost the supervisor to a peer that now runs a new
+  agent for it, so this one logs a line on stderr, runs the hooks registered
+  with :meth:`Agent.on_daemon_lost` (e.g. to kill a child it drives), cancels
+  ``main`` and exits with :data:`EXIT_DAEMON_SILENT`. Before the first ping
+  there is no deadline: an agent of a daemon that never pings (one on the
+  embedded single-machine database) never stops itself. Agents that speak the
+  raw protocol without this SDK ignore pings and are not stopped this way;
+  their daemon stops them when it runs again and finds itself fenced.
 - If ``main`` returns without having sent ``done`` or ``fail``, the SDK sends
   ``done`` with the returned value as ``result``. If ``main`` raises, the
   traceback goes to stderr and the process exits with status 1 *without*
@@ -60,10 +75,12 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import select
 import sys
 import threading
+import time
 import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +91,7 @@ from makima.errors import MakimaError
 __all__ = [
     "EXIT_CANCELLED",
     "EXIT_DAEMON_GONE",
+    "EXIT_DAEMON_SILENT",
     "EXIT_ERROR",
     "EXIT_OK",
     "EXIT_PROTOCOL",
@@ -113,6 +131,14 @@ EXIT_PROTOCOL: Final = 2
 """No usable protocol channel, or the daemon's first message was not a valid ``start``."""
 EXIT_DAEMON_GONE: Final = 3
 """stdin closed (or stdout broke) before the agent finished."""
+EXIT_DAEMON_SILENT: Final = 75
+"""The daemon's last ``ping`` ran out with no newer one (its lease may have passed
+to a peer): the agent stopped itself. 75 is ``EX_TEMPFAIL`` of sysexits.h."""
+
+SILENCE_RECHECK: Final = 1.0
+"""The longest the ping watchdog sleeps before it looks at the clock again, so
+that a stop after the machine resumes from suspension comes within a second
+(the event loop's timers do not count suspended time)."""
 
 FINISHED_TASK_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 
@@ -392,6 +418,22 @@ def _fail_future(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.exception()  # mark retrieved; a waiter still gets the exception raised
 
 
+def _suspend_aware_clock() -> Callable[[], float]:
+    """Seconds on a clock that keeps counting while the machine is suspended."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is not None:
+        try:
+            time.clock_gettime(boottime)
+        except OSError:
+            pass
+        else:
+            return lambda: time.clock_gettime(boottime)
+    return time.monotonic
+
+
+_clock = _suspend_aware_clock()
+
+
 # --------------------------------------------------------------------------- the agent
 
 
@@ -436,6 +478,12 @@ class Agent:
         self._closed = False
         self._main_task: asyncio.Task[Any] | None = None
         self._on_stop: Callable[[int, str], None] | None = None
+        # the daemon's lease pings
+        self._ping_deadline: float | None = None  # on _clock; None until the first ping
+        self._pinged_at = 0.0
+        self._silence_watch: asyncio.Task[None] | None = None
+        self._daemon_lost_hooks: list[Callable[[], object]] = []
+        self._daemon_silent = False
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
             "ack": self._on_ack,
             "error": self._on_error,
@@ -443,6 +491,7 @@ class Agent:
             "task_finished": self._on_task_finished,
             "tasks_done": self._on_tasks_done,
             "cancel": self._on_cancel,
+            "ping": self._on_ping,
             "start": self._on_extra_start,
         }
 
@@ -508,6 +557,24 @@ class Agent:
     def finished(self) -> str | None:
         """``"done"`` or ``"fail"`` once that message was acknowledged, else None."""
         return self._finished
+
+    @property
+    def daemon_silent(self) -> bool:
+        """True once the daemon's last ``ping`` ran out and the agent stopped itself."""
+        return self._daemon_silent
+
+    def on_daemon_lost(self, hook: Callable[[], object]) -> None:
+        """Call ``hook()`` if the daemon goes silent past its lease (see the module docs).
+
+        Hooks run in the order registered, synchronously in the event loop, before
+        ``main`` is cancelled and the process exits with :data:`EXIT_DAEMON_SILENT`:
+        the place to end at once what must not outlive the agent, such as a child
+        process it drives. Keep a hook quick; what it raises is logged and ignored.
+        A hook registered after the agent stopped itself runs at once.
+        """
+        self._daemon_lost_hooks.append(hook)
+        if self._daemon_silent:
+            self._run_daemon_lost_hook(hook)
 
     # ------------------------------------------------------------------ agent → daemon
 
@@ -701,6 +768,9 @@ class Agent:
             return
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             log.warning("makima.sdk: ignoring a message without a string 'type': %.200r", obj)
+            return
+        if obj["type"] == "ping":
+            self._on_ping(obj)  # may come before 'start'; it carries only a deadline
             return
         if not self._started.done():
             try:
@@ -927,14 +997,67 @@ class Agent:
     def _on_extra_start(self, obj: dict[str, Any]) -> None:
         log.warning("makima.sdk: ignoring a second 'start' message")
 
-    def _lose(self, why: str, *, cancel_main: bool) -> None:
+    def _on_ping(self, obj: dict[str, Any]) -> None:
+        valid_for = obj.get("valid_for")
+        if (
+            isinstance(valid_for, bool)
+            or not isinstance(valid_for, int | float)
+            or not math.isfinite(valid_for)
+        ):
+            log.warning("makima.sdk: ignoring a ping without a finite 'valid_for': %.200r", obj)
+            return
+        if self._closed:
+            return
+        now = _clock()
+        self._pinged_at = now
+        self._ping_deadline = now + max(0.0, float(valid_for))
+        if self._silence_watch is None:
+            self._silence_watch = self._loop.create_task(
+                self._watch_silence(), name="makima-sdk-ping-watchdog"
+            )
+
+    async def _watch_silence(self) -> None:
+        """Sleep until the current ping deadline; stop the agent once one passes."""
+        while not self._closed:
+            deadline = self._ping_deadline
+            assert deadline is not None
+            now = _clock()
+            if now >= deadline:
+                self._go_silent(now - self._pinged_at)
+                return
+            await asyncio.sleep(min(deadline - now, SILENCE_RECHECK))
+
+    def _go_silent(self, silence: float) -> None:
+        self._daemon_silent = True
+        why = f"no ping from the daemon for {silence:.1f} s (its lease deadline passed)"
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(
+                f"makima.sdk: {why}; stopping this agent so that the supervisor's "
+                "new owner is the only one running it\n"
+            )
+            sys.stderr.flush()
+        for hook in list(self._daemon_lost_hooks):
+            self._run_daemon_lost_hook(hook)
+        self._silence_watch = None  # this very task, ending now
+        self._lose(why, cancel_main=True, code=EXIT_DAEMON_SILENT)
+
+    @staticmethod
+    def _run_daemon_lost_hook(hook: Callable[[], object]) -> None:
+        try:
+            hook()
+        except Exception:
+            log.exception("makima.sdk: a daemon-lost hook raised; going on")
+
+    def _lose(self, why: str, *, cancel_main: bool, code: int = EXIT_DAEMON_GONE) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._finished is None and self._started.done():
+        if self._finished is None and self._started.done() and code == EXIT_DAEMON_GONE:
             log.warning("makima.sdk: %s before the agent finished; stopping", why)
+        if self._silence_watch is not None:
+            self._silence_watch.cancel()
         if self._on_stop is not None:
-            self._on_stop(EXIT_DAEMON_GONE, why)
+            self._on_stop(code, why)
         if cancel_main and self._main_task is not None and not self._main_task.done():
             self._main_task.cancel()
         gone = DaemonGoneError(why)
@@ -1126,6 +1249,8 @@ def _stop_code(agent: Agent) -> int | None:
     """
     if agent.finished is not None:
         return EXIT_OK
+    if agent.daemon_silent:
+        return EXIT_DAEMON_SILENT
     if agent.cancelled:
         return EXIT_CANCELLED
     if agent.closed:
@@ -1138,6 +1263,8 @@ async def _serve(agent: Agent, main: AgentMain) -> int:
     try:
         await agent.started()
     except DaemonGoneError:
+        if agent.daemon_silent:
+            return EXIT_DAEMON_SILENT
         log.warning("makima.sdk: stdin closed before the daemon sent 'start'; exiting")
         return EXIT_DAEMON_GONE
     except ProtocolError as exc:
@@ -1165,6 +1292,8 @@ async def _serve(agent: Agent, main: AgentMain) -> int:
     if error is not None:
         if isinstance(error, DaemonGoneError) and agent.finished is not None:
             return EXIT_OK
+        if agent.daemon_silent:
+            return EXIT_DAEMON_SILENT
         if isinstance(error, DaemonGoneError) or agent.closed:
             log.warning("makima.sdk: the daemon is gone (%s); exiting", error)
             return EXIT_DAEMON_GONE

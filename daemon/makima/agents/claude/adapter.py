@@ -90,6 +90,10 @@ class Adapter:
         self.usage: dict[str, int] = {k: v for k, v in usage.items() if isinstance(v, int)}
         self._last_assistant_error: str | None = None
         self._blocked_for = 0.0
+        # If the daemon goes silent past its lease, a peer may run this supervisor's
+        # agent anew: no Claude Code of ours may go on working beside it.
+        self._client: ClaudeSDKClient | None = None
+        agent.on_daemon_lost(self._on_daemon_lost)
 
     # ------------------------------------------------------------------ the run
 
@@ -165,6 +169,7 @@ class Adapter:
             # makima's own tools are pre-allowed on purpose: the callback is for the rest.
             warnings.simplefilter("ignore", CanUseToolShadowedWarning)
             client = ClaudeSDKClient(options)
+            self._client = client
             try:
                 await client.connect()
             except CLINotFoundError:
@@ -365,6 +370,11 @@ class Adapter:
         if self.agent.finished is None and not self.agent.closed:
             await self.agent.activity(_clip(text, 500))
 
+    def _on_daemon_lost(self) -> None:
+        if self._client is not None:
+            log.warning("claude.daemon_lost", action="killing Claude Code")
+            _kill(self._client)
+
     def _on_stderr(self, line: str) -> None:
         line = line.rstrip()
         if line:
@@ -377,7 +387,9 @@ class Adapter:
 
 
 def _kill(client: ClaudeSDKClient) -> None:
-    """End Claude Code at once, as a crash would, when the adapter stops early.
+    """End Claude Code at once, as a crash would, when the adapter stops early
+    (or when its daemon has gone silent past its lease: then the agent process
+    exits right after, and Claude Code must not outlive it).
 
     Stopped gently, Claude Code records the turn in flight as interrupted, and a
     later resume first re-runs that turn before it reads makima's restoration
