@@ -15,10 +15,12 @@ CREATE TABLE IF NOT EXISTS makima_schema (
 );
 ALTER TABLE makima_schema ADD COLUMN IF NOT EXISTS version INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE makima_schema ADD COLUMN IF NOT EXISTS applied_at TIMESTAMPTZ NOT NULL DEFAULT now();
+ALTER TABLE makima_schema ADD COLUMN IF NOT EXISTS checksum TEXT;
 COMMENT ON TABLE makima_schema IS 'One row: the version of schema.sql last applied to this database';
 COMMENT ON COLUMN makima_schema.singleton IS 'Always true: keeps the table to a single row';
 COMMENT ON COLUMN makima_schema.version IS 'Schema version written by the makima that last applied schema.sql';
 COMMENT ON COLUMN makima_schema.applied_at IS 'When that version was first applied';
+COMMENT ON COLUMN makima_schema.checksum IS 'SHA-256 of the schema.sql last applied: a daemon starting over the same one applies nothing';
 
 -- ---------------------------------------------------------------- daemons
 CREATE TABLE IF NOT EXISTS daemons (
@@ -33,7 +35,13 @@ COMMENT ON COLUMN daemons.daemon_id IS 'Identity a daemon picks at start';
 COMMENT ON COLUMN daemons.host IS 'Host name the daemon runs on';
 COMMENT ON COLUMN daemons.pid IS 'Process id of the daemon on its host';
 COMMENT ON COLUMN daemons.started_at IS 'When the daemon registered (database clock)';
+ALTER TABLE daemons ADD COLUMN IF NOT EXISTS lease_expires_at TIMESTAMPTZ NOT NULL DEFAULT now();
+ALTER TABLE daemons ADD COLUMN IF NOT EXISTS lease_ttl_s DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE daemons ADD COLUMN IF NOT EXISTS released_at TIMESTAMPTZ;
 COMMENT ON COLUMN daemons.last_seen_at IS 'Last heartbeat of the daemon (database clock)';
+COMMENT ON COLUMN daemons.lease_expires_at IS 'Until when the daemon holds its supervisors (database clock); past it, any daemon may claim them';
+COMMENT ON COLUMN daemons.lease_ttl_s IS 'The lease TTL the daemon renews with, in seconds';
+COMMENT ON COLUMN daemons.released_at IS 'When the daemon let go of its lease on purpose (a handover at shutdown); NULL while it runs';
 
 -- ---------------------------------------------------------------- supervisors (the spec)
 CREATE TABLE IF NOT EXISTS supervisors (
@@ -236,8 +244,38 @@ COMMENT ON COLUMN questions.answered_by_uid IS 'Unix uid of the socket peer that
 COMMENT ON COLUMN questions.delivered_at IS 'When the agent received the answer';
 COMMENT ON COLUMN questions.redelivery_count IS 'How many times the open question was delivered again after a restoration';
 
+-- ---------------------------------------------------------------- supervisor_requests
+CREATE TABLE IF NOT EXISTS supervisor_requests (
+    request_id UUID PRIMARY KEY
+);
+ALTER TABLE supervisor_requests ADD COLUMN IF NOT EXISTS supervisor_id UUID NOT NULL
+    REFERENCES supervisors (supervisor_id) ON DELETE CASCADE;
+ALTER TABLE supervisor_requests ADD COLUMN IF NOT EXISTS kind TEXT NOT NULL DEFAULT 'cancel'
+    CHECK (kind IN ('cancel', 'resume'));
+ALTER TABLE supervisor_requests ADD COLUMN IF NOT EXISTS requested_by_uid INTEGER;
+ALTER TABLE supervisor_requests ADD COLUMN IF NOT EXISTS requested_by_daemon UUID;
+ALTER TABLE supervisor_requests ADD COLUMN IF NOT EXISTS requested_at TIMESTAMPTZ NOT NULL DEFAULT now();
+ALTER TABLE supervisor_requests ADD COLUMN IF NOT EXISTS handled_at TIMESTAMPTZ;
+ALTER TABLE supervisor_requests ADD COLUMN IF NOT EXISTS handled_by UUID;
+ALTER TABLE supervisor_requests ADD COLUMN IF NOT EXISTS outcome JSONB;
+CREATE INDEX IF NOT EXISTS idx_supervisor_requests_open ON supervisor_requests(supervisor_id)
+    WHERE handled_at IS NULL;
+COMMENT ON TABLE supervisor_requests IS 'A person''s cancel or resume given on one daemon for a supervisor another daemon runs: the owner carries it out';
+COMMENT ON COLUMN supervisor_requests.request_id IS 'Identity of the request';
+COMMENT ON COLUMN supervisor_requests.supervisor_id IS 'The supervisor it is for';
+COMMENT ON COLUMN supervisor_requests.kind IS 'cancel or resume';
+COMMENT ON COLUMN supervisor_requests.requested_by_uid IS 'Unix uid of the socket peer that asked';
+COMMENT ON COLUMN supervisor_requests.requested_by_daemon IS 'The daemon whose socket took the request';
+COMMENT ON COLUMN supervisor_requests.requested_at IS 'When it was asked';
+COMMENT ON COLUMN supervisor_requests.handled_at IS 'When the owning daemon carried it out; NULL until then';
+COMMENT ON COLUMN supervisor_requests.handled_by IS 'The daemon that carried it out';
+COMMENT ON COLUMN supervisor_requests.outcome IS 'What came of it, as the control method would have replied ({state} or an error)';
+
+CREATE INDEX IF NOT EXISTS idx_supervisor_states_owner ON supervisor_states(owner_daemon_id)
+    WHERE state NOT IN ('completed', 'failed');
+
 -- ---------------------------------------------------------------- version row
-INSERT INTO makima_schema (singleton, version) VALUES (TRUE, 1)
+INSERT INTO makima_schema (singleton, version) VALUES (TRUE, 2)
 ON CONFLICT (singleton) DO UPDATE
     SET version = EXCLUDED.version, applied_at = now()
     WHERE makima_schema.version < EXCLUDED.version;

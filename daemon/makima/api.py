@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from makima import __version__
 from makima.agents.claude import settings as claude
+from makima.cluster import LeaseTimer
 from makima.config import DaemonConfig
 from makima.control.server import MethodNotFoundError, Peer, Reply, Stream
 from makima.database import Database
@@ -33,7 +34,6 @@ from makima.limits import (
 )
 from makima.model import (
     QuestionRecord,
-    RestorationInfo,
     SupervisorSpec,
     SupervisorState,
     SupervisorStateEnum,
@@ -55,6 +55,9 @@ class Daemon(Protocol):
     config: DaemonConfig
     bus: EventBus
     startup_report: dict[str, Any] | None
+    timer: LeaseTimer
+
+    def lease_valid(self) -> bool: ...
 
     @property
     def db(self) -> Database: ...
@@ -74,11 +77,9 @@ class Daemon(Protocol):
         self, question_id: uuid.UUID, answer: str, uid: int | None
     ) -> tuple[QuestionRecord, Callable[[], Awaitable[None]] | None]: ...
 
-    async def cancel_supervisor(
-        self, supervisor_id: uuid.UUID, uid: int
-    ) -> SupervisorStateEnum: ...
+    async def cancel_supervisor(self, supervisor_id: uuid.UUID, uid: int) -> dict[str, Any]: ...
 
-    async def resume_supervisor(self, supervisor_id: uuid.UUID) -> RestorationInfo: ...
+    async def resume_supervisor(self, supervisor_id: uuid.UUID) -> dict[str, Any]: ...
 
 
 PROTOCOL = "makima-control/1"
@@ -157,6 +158,27 @@ def supervisor_summary(spec: SupervisorSpec, state: SupervisorState) -> dict[str
         else state.last_heartbeat.isoformat(),
         "error_message": state.error_message,
         "created_at": None if spec.created_at is None else spec.created_at.isoformat(),
+        "owner_daemon_id": None if state.owner_daemon_id is None else str(state.owner_daemon_id),
+    }
+
+
+def daemon_view(row: dict[str, Any], me: uuid.UUID) -> dict[str, Any]:
+    """One daemon of the cluster for ``daemon.status``; ages in seconds on the
+    database clock."""
+    now = row["db_now"]
+    return {
+        "daemon_id": str(row["daemon_id"]),
+        "self": row["daemon_id"] == me,
+        "host": row["host"],
+        "pid": row["pid"],
+        "alive": bool(row["alive"]),
+        "started_at": row["started_at"].isoformat(),
+        "last_renewed_at": row["last_seen_at"].isoformat(),
+        "lease_expires_at": row["lease_expires_at"].isoformat(),
+        "released_at": None if row["released_at"] is None else row["released_at"].isoformat(),
+        "age_s": round((now - row["started_at"]).total_seconds(), 1),
+        "renewed_s_ago": round((now - row["last_seen_at"]).total_seconds(), 1),
+        "supervisors": int(row["supervisors"]),
     }
 
 
@@ -233,6 +255,7 @@ class ControlApi:
         _only(params, set())
         counts = await self.daemon.store.count_supervisors_by_state()
         open_questions = await self.daemon.store.list_open_questions()
+        daemons = await self.daemon.store.list_daemons()
         d = self.daemon
         return Reply(
             {
@@ -248,6 +271,16 @@ class ControlApi:
                 "agents_starting": d.agents_starting,
                 "pending_questions": len(open_questions),
                 "last_startup_report": fit_report(d.startup_report),
+                "cluster": {
+                    "daemons": [daemon_view(row, d.daemon_id) for row in daemons],
+                    "lease": {
+                        "ttl": d.config.lease_ttl,
+                        "renew": d.config.lease_renew,
+                        "enforced": d.timer.enforced,
+                        "valid": d.lease_valid(),
+                        "handover": d.config.handover,
+                    },
+                },
             }
         )
 
@@ -331,15 +364,14 @@ class ControlApi:
         _only(params, {"supervisor_id"})
         supervisor_id = _uuid(params, "supervisor_id")
         await self._found(supervisor_id)
-        info = await self.daemon.resume_supervisor(supervisor_id)
-        return Reply(info.to_json())
+        return Reply(await self.daemon.resume_supervisor(supervisor_id))
 
     async def cancel(self, peer: Peer, params: dict[str, Any]) -> Reply:
         _only(params, {"supervisor_id"})
         supervisor_id = _uuid(params, "supervisor_id")
         await self._found(supervisor_id)
-        state = await self.daemon.cancel_supervisor(supervisor_id, peer.uid)
-        return Reply({"supervisor_id": str(supervisor_id), "state": state.value})
+        outcome = await self.daemon.cancel_supervisor(supervisor_id, peer.uid)
+        return Reply({"supervisor_id": str(supervisor_id), **outcome})
 
     async def history(self, peer: Peer, params: dict[str, Any]) -> Reply:
         _only(params, {"supervisor_id", "limit", "before"})

@@ -23,17 +23,21 @@ from rich.text import Text
 
 from makima import __version__, eventloop, logs
 from makima.agents.claude.settings import ClaudeSettings, PermissionMode
+from makima.cluster_drill import ClusterSettings
 from makima.config import DaemonConfig, TaskRestartPolicy, client_socket_path
 from makima.control.client import ControlClient, DaemonNotRunningError, RemoteError
 from makima.drill import DrillSettings
 from makima.errors import InvalidValueError, MakimaError
 from makima.fuzz import FuzzSettings
+from makima.notify.command import notify_command
 from makima.prompt import prompt_answer
 from makima.resources import raise_open_files_limit
+from makima.top.command import top_command
 
 T = TypeVar("T")
 
 DRILL_DEFAULTS = DrillSettings()
+CLUSTER_DEFAULTS = ClusterSettings()
 FUZZ_DEFAULTS = FuzzSettings()
 EXIT_FAILURE = 1
 EXIT_NO_DAEMON = 3
@@ -159,6 +163,10 @@ def main() -> None:
     """makima: a durable supervisor daemon for AI agents."""
 
 
+main.add_command(notify_command)
+main.add_command(top_command)
+
+
 # --------------------------------------------------------------------------- daemon
 
 
@@ -198,6 +206,31 @@ def main() -> None:
     show_default=True,
     help="Control connections served at once; more are refused (env MAKIMA_MAX_CONNECTIONS).",
 )
+@click.option(
+    "--lease-ttl",
+    envvar="MAKIMA_LEASE_TTL",
+    type=click.FloatRange(min=0, min_open=True),
+    default=15.0,
+    show_default=True,
+    help="Seconds a daemon's lease lasts without renewal; past it, peers take its "
+    "supervisors over (env MAKIMA_LEASE_TTL).",
+)
+@click.option(
+    "--lease-renew",
+    envvar="MAKIMA_LEASE_RENEW",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds between lease renewals (env MAKIMA_LEASE_RENEW).",
+)
+@click.option(
+    "--handover/--no-handover",
+    envvar="MAKIMA_HANDOVER",
+    default=True,
+    show_default=True,
+    help="On SIGTERM with live peers, release the lease so that they take the supervisors "
+    "over at once (env MAKIMA_HANDOVER).",
+)
 def daemon(
     state_dir: Path | None,
     database_url: str | None,
@@ -207,6 +240,9 @@ def daemon(
     agent_restart_limit: int,
     agent_restart_window: float,
     max_connections: int,
+    lease_ttl: float,
+    lease_renew: float,
+    handover: bool,
 ) -> None:
     """Run the daemon in the foreground (what systemd runs)."""
     from makima.daemon import Daemon
@@ -224,6 +260,9 @@ def daemon(
             agent_restart_limit=agent_restart_limit,
             agent_restart_window=agent_restart_window,
             max_connections=max_connections,
+            lease_ttl=lease_ttl,
+            lease_renew=lease_renew,
+            handover=handover,
         )
         files = raise_open_files_limit()
         structlog.get_logger("makima.daemon").info(
@@ -739,6 +778,44 @@ def demo(state_dir: Path | None, preset: str | None, timeout: float, claude: boo
         " checks that it answers, loses nothing acknowledged and keeps its RSS bounded."
     ),
 )
+@click.option(
+    "--daemons",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help=(
+        "2 or more: the cluster drill instead - that many daemons on one PostgreSQL, each in"
+        " turn killed, paused past its lease and cut from its lease connection."
+    ),
+)
+@click.option(
+    "--supervisors",
+    type=click.IntRange(1, 1000),
+    default=CLUSTER_DEFAULTS.supervisors,
+    show_default=True,
+    help="Cluster drill: supervisors spread over the daemons.",
+)
+@click.option(
+    "--lease-ttl",
+    type=click.FloatRange(min=0.5),
+    default=CLUSTER_DEFAULTS.lease_ttl,
+    show_default=True,
+    help="Cluster drill: the daemons' lease TTL, seconds.",
+)
+@click.option(
+    "--lease-renew",
+    type=click.FloatRange(min=0.1),
+    default=CLUSTER_DEFAULTS.lease_renew,
+    show_default=True,
+    help="Cluster drill: the daemons' lease renewal interval, seconds.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, 100),
+    default=CLUSTER_DEFAULTS.rounds,
+    show_default=True,
+    help="Cluster drill: how many times the three scenarios are played.",
+)
 @json_option
 def drill(
     agents: int,
@@ -747,12 +824,19 @@ def drill(
     database_url: str | None,
     scratch: Path | None,
     fuzz_frames: int | None,
+    daemons: int,
+    supervisors: int,
+    lease_ttl: float,
+    lease_renew: float,
+    rounds: int,
     as_json: bool,
 ) -> None:
     """Crash-and-restart drill on a scratch state dir; exits 1 on any violation.
 
     With --fuzz, a fuzz drill instead: hostile input, then the figures (frames,
-    replies by code, crashes, hangs, RSS before, during and after).
+    replies by code, crashes, hangs, RSS before, during and after). With
+    --daemons N (N >= 2), the cluster drill: N daemons sharing one PostgreSQL,
+    takeovers after kill -9, a pause past the lease and a lost lease connection.
     """
 
     from makima.drill import DrillProgress, run_drill
@@ -761,6 +845,25 @@ def drill(
     if fuzz_frames is not None:
         fuzz_drill(
             fuzz_frames, seed=seed, database_url=database_url, scratch=scratch, as_json=as_json
+        )
+    if daemons >= 2:
+        if lease_renew > lease_ttl / 2:
+            raise click.BadParameter(
+                f"{lease_renew:g} is more than half --lease-ttl ({lease_ttl:g})",
+                param_hint="--lease-renew",
+            )
+        cluster_drill(
+            ClusterSettings(
+                daemons=daemons,
+                supervisors=supervisors,
+                lease_ttl=lease_ttl,
+                lease_renew=lease_renew,
+                rounds=rounds,
+                seed=seed,
+                database_url=database_url,
+                scratch=scratch,
+            ),
+            as_json=as_json,
         )
     settings = DrillSettings(
         agents=agents, kills=kills, seed=seed, database_url=database_url, scratch=scratch
@@ -810,6 +913,74 @@ def drill(
         )
         if not report.ok:
             out.print(f"files kept in {report.scratch}", markup=False)
+    sys.exit(0 if report.ok else EXIT_FAILURE)
+
+
+def cluster_drill(settings: ClusterSettings, *, as_json: bool) -> NoReturn:
+    """``makima drill --daemons N``: run makima.cluster_drill, print its checks and takeovers."""
+
+    from makima.cluster_drill import ClusterProgress, run_cluster_drill
+
+    progress = _progress("cluster drill", as_json)
+    task = progress.add_task("starting", total=max(settings.rounds * len(settings.scenarios), 1))
+
+    def show(state: ClusterProgress) -> None:
+        progress.update(
+            task,
+            completed=state.steps_done,
+            description=(
+                f"supervisors {state.finished}/{state.created} done · {state.answers} answers"
+                f" · {state.phase}"
+            ),
+        )
+
+    try:
+        with progress:
+            report = eventloop.run(run_cluster_drill, settings, show)
+    except MakimaError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(report.to_json())
+        sys.exit(0 if report.ok else EXIT_FAILURE)
+    table = Table("check", "result", "detail", title=f"makima drill --daemons {report.daemons}")
+    for c in report.checks:
+        table.add_row(
+            cell(c.name), Text("ok", "green") if c.ok else Text("VIOLATED", "red"), cell(c.detail)
+        )
+    out.print(table)
+    takeovers = Table(
+        "scenario",
+        "resumed",
+        "restored: median / worst",
+        "agent started: median / worst",
+        "limit",
+        title="takeovers (seconds after the kill, pause or cut)",
+    )
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}s"
+
+    for row in report.takeover_rows():
+        takeovers.add_row(
+            row.scenario,
+            str(row.resumed),
+            f"{seconds(row.restored.median)} / {seconds(row.restored.worst)}",
+            f"{seconds(row.started.median)} / {seconds(row.started.worst)}",
+            f"{row.limit:g}s",
+        )
+    out.print(takeovers)
+    for line in report.notes:
+        err.print(f"note: {line}", markup=False, highlight=False)
+    out.print(
+        f"{report.daemons} daemons, {report.supervisors} supervisors, {report.processes} agent "
+        f"processes, {report.questions} questions, {report.answers} answers "
+        f"({' / '.join(map(str, report.answers_by_daemon))} by daemon), {report.tasks} tasks "
+        f"in {report.seconds:.0f}s (seed {report.seed})",
+        markup=False,
+        highlight=False,
+    )
+    if not report.ok:
+        out.print(f"files kept in {report.scratch}", markup=False)
     sys.exit(0 if report.ok else EXIT_FAILURE)
 
 

@@ -99,9 +99,24 @@ class DaemonConfig:
     agent_restart_backoff: float = 0.5
     task_restart_policy: TaskRestartPolicy = TaskRestartPolicy.INTERRUPT
     max_connections: int = 256  # control connections served at once; more are refused
+    lease_ttl: float = 15.0  # a lease not renewed for this long lets peers take over
+    lease_renew: float = 5.0  # between renewals
+    handover: bool = True  # SIGTERM with live peers: release the lease for them
 
     def __post_init__(self) -> None:
         check_socket_path(self.socket_path)
+        if self.lease_ttl <= 0 or self.lease_renew <= 0:
+            raise InvalidValueError(
+                f"lease TTL and renew interval must be positive; got {self.lease_ttl} and "
+                f"{self.lease_renew}"
+            )
+        if self.lease_renew > self.lease_ttl * 0.5:
+            raise InvalidValueError(
+                f"lease renew interval {self.lease_renew}s is more than half the lease TTL "
+                f"{self.lease_ttl}s; expected at most {self.lease_ttl * 0.5:g}s (a third or "
+                "less is better), so that a renewal can fail and be retried before the "
+                "lease runs out"
+            )
         if self.heartbeat_interval <= 0:
             raise InvalidValueError(
                 f"heartbeat interval must be positive; got {self.heartbeat_interval}"

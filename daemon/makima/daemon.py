@@ -1,9 +1,16 @@
 """The daemon: one anyio task group owning the database, the supervisors and
 their agents, the heartbeat, the control socket, signals and systemd.
 
-Start: database → schema → restoration → socket → READY=1 → heartbeats.
-SIGTERM: STOPPING=1, stop accepting, save every supervisor ``interrupted``,
-stop agents and tasks, close the pool, stop the embedded database.
+Start: database → schema → lease → claim → restoration → socket → READY=1 →
+heartbeats. SIGTERM: STOPPING=1, stop accepting, save every supervisor
+``interrupted``, stop agents and tasks, (with live peers and handover on)
+release the lease, close the pool, stop the embedded database.
+
+Several daemons may share one PostgreSQL (DESIGN §13): each runs the
+supervisors it owns (``owner_daemon_id``, ``lease_epoch``), claims those whose
+owner's lease expired (:mod:`makima.member`, :mod:`makima.cluster`), and lets a
+person's answer, cancel or resume given on it reach the daemon that runs the
+supervisor.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,20 +31,30 @@ import anyio.abc
 import structlog
 
 from makima.api import ControlApi
+from makima.cluster import LeaseTimer, answer_notice
 from makima.config import DaemonConfig
 from makima.control.server import ControlServer, prepare_socket_path
 from makima.database import Database, DatabaseConfig
-from makima.errors import ConflictError, MakimaError, NotFoundError, leaf_exceptions
-from makima.events import EventBus
+from makima.errors import (
+    ConflictError,
+    DatabaseUnavailableError,
+    FencedError,
+    MakimaError,
+    NotFoundError,
+    leaf_exceptions,
+)
+from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
+from makima.member import Member
 from makima.model import (
+    Fence,
     QuestionRecord,
-    RestorationInfo,
     RestorationSource,
     SupervisorSpec,
-    SupervisorStateEnum,
 )
+from makima.repository import AnsweredElsewhereError
 from makima.restoration import (
+    Claimed,
     Plan,
     Restorer,
     after_start,
@@ -48,14 +65,16 @@ from makima.restoration import (
 )
 from makima.runner import RestartPolicy, Runner
 from makima.store import (
-    DaemonRegistered,
-    DaemonSeen,
+    Claim,
     Heartbeats,
     QuestionAnswered,
+    RequestAdded,
+    RequestFinished,
     Store,
     SupervisorCreated,
+    SupervisorsClaimed,
 )
-from makima.supervisor import StopReason, Supervisor
+from makima.supervisor import StopReason, Supervisor, question_event_fields
 from makima.systemd import Notifier, watchdog_interval
 
 log = structlog.get_logger("makima.daemon")
@@ -64,6 +83,25 @@ LAUNCH_WINDOW = 64  # restored agents being started at once
 
 
 LOCK_NAME = "daemon.lock"
+ID_NAME = "daemon.id"
+REQUEST_WAIT = 10.0  # seconds a cancel or resume for another daemon's supervisor waits for it
+
+
+def daemon_identity(state_dir: Path) -> uuid.UUID:
+    """This state directory's daemon id, made on its first start (under the state
+    directory's lock, so one process at a time is that daemon). A daemon started
+    again on its state directory is the same daemon: it takes its own supervisors
+    back at once, without waiting for its former lease to expire."""
+    path = state_dir / ID_NAME
+    try:
+        return uuid.UUID(path.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    value = uuid.uuid4()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{value}\n")
+    os.replace(tmp, path)
+    return value
 
 
 @contextlib.contextmanager
@@ -110,7 +148,7 @@ class Daemon:
         self.listen_socket = listen_socket
         self.handle_signals = handle_signals
         self.faults = faults or FaultHook(None)
-        self.daemon_id = uuid.uuid4()
+        self.daemon_id = uuid.uuid4()  # the state directory's, once it is held (run)
         self.started_at = datetime.now(UTC)
         self.bus = EventBus()
         self.runners: dict[uuid.UUID, Runner] = {}
@@ -130,6 +168,12 @@ class Daemon:
         self._shutdown = anyio.Event()
         self._resuming: set[uuid.UUID] = set()  # resumes of supervisors with no runner
         self._server = ControlServer(ControlApi(self), max_connections=config.max_connections)
+        self.member: Member | None = None
+        self.timer = LeaseTimer(
+            config.lease_ttl, config.lease_renew, enforced=config.database_url is not None
+        )
+        self._claiming = anyio.Lock()  # one claim round at a time
+        self._handling: set[uuid.UUID] = set()  # requests being carried out
 
     @property
     def db(self) -> Database:
@@ -156,14 +200,17 @@ class Daemon:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[Daemon] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        log.info(
-            "daemon.starting",
-            daemon_id=str(self.daemon_id),
-            pid=os.getpid(),
-            state_dir=str(self.config.state_dir),
-            embedded=self.config.database_url is None,
-        )
         with hold_state_dir(self.config.state_dir):
+            self.daemon_id = daemon_identity(self.config.state_dir)
+            log.info(
+                "daemon.starting",
+                daemon_id=str(self.daemon_id),
+                pid=os.getpid(),
+                state_dir=str(self.config.state_dir),
+                embedded=self.config.database_url is None,
+                lease_ttl_s=self.config.lease_ttl,
+                lease_renew_s=self.config.lease_renew,
+            )
             if self.listen_socket is None:
                 # Refuse before restoring anything when another daemon has the socket.
                 await prepare_socket_path(self.config.socket_path)
@@ -183,13 +230,15 @@ class Daemon:
             DatabaseConfig(state_dir=self.config.state_dir, url=self.config.database_url)
         )
         try:
-            await self.store.register_daemon(
-                DaemonRegistered(self.daemon_id, socket.gethostname(), os.getpid())
-            )
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
                 if self.db.is_embedded:  # a server dying while restoring is restarted too
                     tg.start_soon(self.db.supervise)
+                self.notifier.status("taking the lease")
+                self.member = Member(
+                    self, self.store, self.bus, self.timer, cluster=not self.db.is_embedded
+                )
+                await tg.start(self.member.run)
                 self.notifier.status("restoring supervisors")
                 plans = await self.restore_on_startup()
                 listener = (
@@ -221,6 +270,8 @@ class Daemon:
                 log.info("daemon.stopping", supervisors=len(self.supervisors))
                 server_scope.cancel()
                 await self._stop_supervisors()
+                if self.config.handover:  # live peers claim at once; we take ours back anyway
+                    await self.member.release()
                 tg.cancel_scope.cancel()
         finally:
             self._task_group = None
@@ -287,7 +338,6 @@ class Daemon:
         self.faults.reached(SavePoint.HEARTBEAT, Moment.AFTER_COMMIT)
         for supervisor, (_, mark) in zip(live, beats, strict=True):
             supervisor.after_heartbeat(mark, outcomes.get(supervisor.id))
-        await self.store.touch_daemon(DaemonSeen(self.daemon_id))
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
@@ -338,8 +388,8 @@ class Daemon:
         return self.launch(supervisor, payload.restoration, started, gate)
 
     def _runner_ended(self, runner: Runner) -> None:
-        self._agent_started(runner.id)
         if self.runners.get(runner.id) is runner:  # its loop is over, whatever the state
+            self._agent_started(runner.id)
             del self.runners[runner.id]
 
     def new_supervisor(self, spec: SupervisorSpec, state: Any) -> Supervisor:
@@ -351,10 +401,19 @@ class Daemon:
             faults=self.faults,
             grace=self.config.shutdown_grace,
             write_timeout=self.config.agent_write_timeout,
+            lease_valid=self.lease_valid,
         )
 
+    def lease_valid(self) -> bool:
+        return self.member is None or self.member.lease_valid()
+
     async def create_supervisor(self, spec: SupervisorSpec) -> Supervisor:
-        state = await self.store.create_supervisor(SupervisorCreated(spec))
+        if not self.lease_valid():
+            raise DatabaseUnavailableError(
+                "this daemon has lost its lease (the database did not answer in time); it "
+                "takes new supervisors again once it has renewed it: try another daemon"
+            )
+        state = await self.store.create_supervisor(SupervisorCreated(spec, self.daemon_id))
         supervisor = self.new_supervisor(spec, state)
         log.info("supervisor.created", supervisor_id=str(spec.supervisor_id), name=spec.name)
         self.launch(supervisor)
@@ -365,11 +424,13 @@ class Daemon:
     ) -> tuple[QuestionRecord, Callable[[], Awaitable[None]] | None]:
         """Persist an answer; return it and the delivery to run once the client has it.
 
-        An open question of a running supervisor (the usual case) is answered in
-        one statement, found in memory; anything else is looked up first, and so
+        An open question of a supervisor running here (the usual case) is answered
+        in one statement, found in memory; anything else is looked up first, and so
         is everything while the database was away when last tried (the lookup
         then fails fast with DatabaseUnavailableError, instead of the answer
         waiting behind the supervisor's save points for the database to return).
+        A question of a supervisor another daemon runs is answered here all the
+        same (once, cluster-wide: the row decides) and its owner is told.
         """
         runner = self._runner_asking(question_id) if self.db.available else None
         if runner is None:
@@ -377,30 +438,62 @@ class Daemon:
             if record is None:
                 raise NotFoundError(f"no question {question_id}")
             runner = self.runners.get(record.supervisor_id)
-            if runner is None:
-                if record.answer is None:
-                    found = await self.store.get_supervisor(record.supervisor_id)
-                    state = (
-                        found[1].state.value
-                        if found is not None and found[1] is not None
-                        else "gone"
-                    )
-                    raise ConflictError(
-                        f"question {question_id} belongs to supervisor {record.supervisor_id}, "
-                        f"which is {state}; its questions can no longer be answered",
-                        {"state": state},
-                    )
-                answered = await self.store.answer_question(
-                    QuestionAnswered(question_id, answer, uid)
-                )
-                return answered, None  # unreachable in practice: a conflict is raised
+            if runner is None or runner.supervisor.is_fenced:
+                return await self._answer_elsewhere(record, answer, uid), None
         supervisor = runner.supervisor
-        answered = await runner.call(
-            "saving an answer", lambda: supervisor.answer(question_id, answer, uid)
-        )
+        try:
+            answered = await runner.call(
+                "saving an answer", lambda: supervisor.answer(question_id, answer, uid)
+            )
+        except AnsweredElsewhereError as exc:  # recorded; the new owner delivers it
+            self._announce_answer(exc.record)
+            return exc.record, None
+        except FencedError:  # this copy was fenced before: answer it as anyone would
+            record = await self.store.get_question(question_id)
+            if record is None:
+                raise NotFoundError(f"no question {question_id}") from None
+            return await self._answer_elsewhere(record, answer, uid), None
         return answered, runner.guarded(
             "delivering an answer", lambda: supervisor.deliver_answer(answered)
         )
+
+    async def _answer_elsewhere(
+        self, record: QuestionRecord, answer: str, uid: int | None
+    ) -> QuestionRecord:
+        """Answer a question of a supervisor that does not run here: recorded (or
+        refused as already answered), announced, and its owner told."""
+        question_id = record.question_id
+        if record.answer is None:
+            found = await self.store.get_supervisor(record.supervisor_id)
+            state = found[1] if found is not None else None
+            if state is None or not state.state.is_unfinished:
+                shown = state.state.value if state is not None else "gone"
+                raise ConflictError(
+                    f"question {question_id} belongs to supervisor {record.supervisor_id}, "
+                    f"which is {shown}; its questions can no longer be answered",
+                    {"state": shown},
+                )
+        answered = await self.store.answer_question(QuestionAnswered(question_id, answer, uid))
+        self._announce_answer(answered)
+        return answered
+
+    def _announce_answer(self, record: QuestionRecord) -> None:
+        """An answer this daemon recorded for a supervisor running elsewhere."""
+        log.info(
+            "question.answered",
+            supervisor_id=str(record.supervisor_id),
+            question_id=str(record.question_id),
+            for_another_daemon=True,
+        )
+        self.bus.publish(
+            EventKind.QUESTION_ANSWERED,
+            **question_event_fields(record, record.supervisor_id),
+            answer=record.answer,
+            answered_at=record.answered_at.isoformat() if record.answered_at else None,
+        )
+        if self.member is not None and self._task_group is not None:
+            notice = answer_notice(self.daemon_id, record.supervisor_id, record.question_id)
+            self._task_group.start_soon(self.member.tell, [notice])
 
     def _runner_asking(self, question_id: uuid.UUID) -> Runner | None:
         """The runner whose supervisor has ``question_id`` open, as it knows."""
@@ -409,10 +502,14 @@ class Daemon:
                 return runner
         return None
 
-    async def cancel_supervisor(self, supervisor_id: uuid.UUID, uid: int) -> SupervisorStateEnum:
-        """Cancel a running supervisor; ConflictError when it is (or just became) finished."""
+    async def cancel_supervisor(self, supervisor_id: uuid.UUID, uid: int) -> dict[str, Any]:
+        """Cancel a supervisor (``{"state": …}``); ConflictError when it is (or just
+        became) finished. One that runs on another daemon is cancelled by that daemon:
+        the request is recorded, its owner told, and its outcome awaited a while."""
         runner = self.runners.get(supervisor_id)
-        if runner is None or runner.supervisor.state.state.is_terminal:
+        if runner is None or runner.supervisor.is_fenced:
+            return await self._for_owner(supervisor_id, "cancel", uid)
+        if runner.supervisor.state.state.is_terminal:
             raise await self._not_unfinished(supervisor_id, runner)
         supervisor = runner.supervisor
         cancelled = await runner.call(
@@ -420,7 +517,50 @@ class Daemon:
         )
         if not cancelled:  # its agent finished first (done or fail won the race)
             raise await self._not_unfinished(supervisor_id, runner)
-        return supervisor.state.state
+        return {"state": supervisor.state.state.value}
+
+    async def _for_owner(self, supervisor_id: uuid.UUID, kind: str, uid: int) -> dict[str, Any]:
+        """A cancel or resume for a supervisor this daemon does not run: recorded for its
+        owner (whoever runs it, now or after a takeover), whose outcome is awaited for
+        REQUEST_WAIT seconds; past that the reply says it is pending."""
+        found = await self.store.get_supervisor(supervisor_id)
+        state = found[1] if found is not None else None
+        if state is None or state.state.is_terminal:
+            if kind == "cancel":
+                raise await self._not_unfinished(supervisor_id, None)
+            shown = state.state.value if state is not None else "unknown"
+            raise ConflictError(
+                f"supervisor {supervisor_id} is {shown}; only unfinished supervisors can be "
+                "resumed",
+                {"state": shown},
+            )
+        request_id = uuid.uuid4()
+        await self.store.add_request(
+            RequestAdded(request_id, supervisor_id, kind, uid, self.daemon_id)
+        )
+        log.info(
+            "request.sent",
+            supervisor_id=str(supervisor_id),
+            request_id=str(request_id),
+            kind=kind,
+            owner=None if state.owner_daemon_id is None else str(state.owner_daemon_id),
+        )
+        with anyio.move_on_after(REQUEST_WAIT):
+            while True:
+                requests = await self.store.get_requests([request_id])
+                if requests and requests[0].handled_at is not None:
+                    return outcome_of(requests[0].outcome)
+                await anyio.sleep(0.1)
+        return {
+            "state": state.state.value,
+            "pending": True,
+            "request_id": str(request_id),
+            "owner_daemon_id": None
+            if state.owner_daemon_id is None
+            else str(state.owner_daemon_id),
+            "note": f"the daemon that runs it has not carried out the {kind} within "
+            f"{REQUEST_WAIT:g}s; it is recorded and will be",
+        }
 
     async def _not_unfinished(
         self, supervisor_id: uuid.UUID, runner: Runner | None
@@ -440,9 +580,12 @@ class Daemon:
     # ----------------------------------------------------------------- restoration
 
     async def restore_on_startup(self) -> list[Plan]:
-        """Bring back every unfinished supervisor (see makima.restoration): everything
-        but spawning their agents, which :meth:`launch_plans` does."""
-        self.startup_report, plans = await restore_all(self.restorer)
+        """Bring back what this daemon owns or may claim (see makima.restoration):
+        everything but spawning their agents, which :meth:`launch_plans` does."""
+        claims = await self.store.claim(SupervisorsClaimed(self.daemon_id, own=True))
+        self.startup_report, plans = await restore_all(
+            self.restorer, self._claimed(claims), stateless_owner=self.daemon_id
+        )
         return plans
 
     def launch_plans(self, plans: Sequence[Plan]) -> None:
@@ -472,8 +615,10 @@ class Daemon:
     def agents_starting(self) -> int:
         return len(self._starting)
 
-    async def resume_supervisor(self, supervisor_id: uuid.UUID) -> RestorationInfo:
-        """Manual resume: restart its agent through restoration (source ``manual``)."""
+    async def resume_supervisor(self, supervisor_id: uuid.UUID) -> dict[str, Any]:
+        """Manual resume: restart its agent through restoration (source ``manual``).
+        One that runs on another daemon is resumed there (a request, as for a cancel);
+        one that runs nowhere (its owner's lease is gone) is claimed and run here."""
         found = await self.store.get_supervisor(supervisor_id)
         if found is None:
             raise NotFoundError(f"no supervisor {supervisor_id}")
@@ -485,15 +630,167 @@ class Daemon:
                 {"state": state.state.value},
             )
         runner = self.runners.get(supervisor_id)
-        if runner is not None:
-            return await runner.resume()
+        if runner is not None and not runner.supervisor.is_fenced:
+            return (await runner.resume()).to_json()
         if supervisor_id in self._resuming:  # two resumes must not start two agents
             raise ConflictError(f"supervisor {supervisor_id} is being resumed already")
         self._resuming.add(supervisor_id)
         try:
-            plan = await restore_one(self.restorer, supervisor_id, RestorationSource.MANUAL)
+            claims = await self.store.claim(
+                SupervisorsClaimed(self.daemon_id, own=True, only=supervisor_id)
+            )
+            if not claims:  # another daemon holds a lease on it: that one resumes it
+                return await self._for_owner(supervisor_id, "resume", os.getuid())
+            plan = await restore_one(
+                self.restorer, supervisor_id, RestorationSource.MANUAL, claims[0].fence
+            )
             if plan.launches:
                 self.launch_plan(plan)
         finally:
             self._resuming.discard(supervisor_id)
-        return info(plan)
+        return info(plan).to_json()
+
+    # ----------------------------------------------------------------- the cluster (member.Host)
+
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown.is_set()
+
+    def running_fences(self) -> dict[uuid.UUID, Fence]:
+        return {
+            sid: runner.supervisor.fence
+            for sid, runner in self.runners.items()
+            if not runner.supervisor.is_fenced
+        }
+
+    def fenced(self, supervisor_ids: Iterable[uuid.UUID], why: str) -> None:
+        for sid in supervisor_ids:
+            runner = self.runners.get(sid)
+            if runner is not None:
+                runner.supervisor.fence_broken(why)
+
+    def lapsed(self) -> None:
+        """The lease's local deadline passed without a renewal: stop every agent now.
+        Once it is renewed, the next claim round takes back what is still ours."""
+        for runner in list(self.runners.values()):
+            runner.supervisor.fence_broken("this daemon lost its lease")
+
+    async def claim_round(self, *, own: bool) -> None:
+        """Claim what nobody holds a lease on (``own``: and what this daemon owns but
+        does not run, after it lost its lease), restore and run it."""
+        async with self._claiming:
+            while not self.stopping and self._task_group is not None and self.lease_valid():
+                # A fair share at a time (peers claim theirs meanwhile), again at once
+                # until nothing is left: a takeover does not wait for the next renewal.
+                claims = await self.store.claim(SupervisorsClaimed(self.daemon_id, own=own))
+                if not claims:
+                    return
+                own = False
+                log.info(
+                    "cluster.claimed",
+                    daemon_id=str(self.daemon_id),
+                    supervisors=len(claims),
+                    previous_owners=sorted({str(c.previous) for c in claims}),
+                )
+                report, plans = await restore_all(self.restorer, self._claimed(claims))
+                log.info("cluster.restored", **report["counts"])
+                self.launch_plans(plans)
+
+    def _claimed(self, claims: Sequence[Claim]) -> dict[uuid.UUID, Claimed]:
+        """Each claim with what brought it here: this daemon's own come back after a
+        restart; anyone else's are reassigned."""
+        mine = (None, self.daemon_id)
+        return {
+            c.supervisor_id: Claimed(
+                RestorationSource.DAEMON_RESTART
+                if c.previous in mine
+                else RestorationSource.TASK_REASSIGNMENT,
+                c.fence,
+            )
+            for c in claims
+        }
+
+    async def handle_requests(self, request_ids: Sequence[uuid.UUID]) -> None:
+        """Carry out the cancels and resumes asked on other daemons for supervisors
+        that run here; each once (the row says whether it was)."""
+        fresh = [r for r in request_ids if r not in self._handling]
+        if not fresh:
+            return
+        self._handling.update(fresh)
+        try:
+            for request in await self.store.get_requests(fresh):
+                runner = self.runners.get(request.supervisor_id)
+                if request.handled_at is not None or runner is None or runner.supervisor.is_fenced:
+                    continue
+                outcome: dict[str, Any]
+                try:
+                    if request.kind == "cancel":
+                        uid = (
+                            request.requested_by_uid if request.requested_by_uid is not None else -1
+                        )
+                        outcome = await self.cancel_supervisor(request.supervisor_id, uid)
+                    else:
+                        outcome = await self.resume_supervisor(request.supervisor_id)
+                except MakimaError as exc:
+                    outcome = error_outcome(exc)
+                await self.store.finish_request(
+                    RequestFinished(request.request_id, self.daemon_id, outcome)
+                )
+                log.info(
+                    "request.handled",
+                    request_id=str(request.request_id),
+                    supervisor_id=str(request.supervisor_id),
+                    kind=request.kind,
+                )
+        finally:
+            self._handling.difference_update(fresh)
+
+    async def absorb_answers(self, question_ids: Sequence[uuid.UUID]) -> None:
+        """Answers recorded by other daemons for questions of supervisors running here:
+        each is taken (out of the open questions, the state moved on) and delivered."""
+        for question_id in question_ids:
+            record = await self.store.get_question(question_id)
+            if record is None or record.answer is None or record.delivered_at is not None:
+                continue
+            runner = self.runners.get(record.supervisor_id)
+            if runner is None or runner.supervisor.is_fenced:
+                continue
+            supervisor = runner.supervisor
+            await runner.guarded(
+                "taking an answer given on another daemon",
+                lambda s=supervisor, r=record: s.absorb_answer(r),  # type: ignore[misc]
+            )()
+
+    async def ping_agents(self, valid_for: float) -> None:
+        """Tell every started agent how long this daemon's lease certainly lasts."""
+        supervisors = [r.supervisor for r in self.runners.values() if r.supervisor.agent]
+        if not supervisors:
+            return
+        async with anyio.create_task_group() as tg:
+            for supervisor in supervisors:
+                tg.start_soon(supervisor.ping, valid_for)
+
+
+def outcome_of(outcome: Any) -> dict[str, Any]:
+    """A request's recorded outcome as the control method's result, or its error."""
+    if not isinstance(outcome, dict):
+        return {"outcome": outcome}
+    if "error" in outcome:
+        message = str(outcome["error"])
+        if outcome.get("code") == "conflict":
+            raise ConflictError(message, outcome.get("data") or {})
+        if outcome.get("code") == "not_found":
+            raise NotFoundError(message)
+        raise MakimaError(message)
+    return outcome
+
+
+def error_outcome(exc: MakimaError) -> dict[str, Any]:
+    code = (
+        "conflict"
+        if isinstance(exc, ConflictError)
+        else "not_found"
+        if isinstance(exc, NotFoundError)
+        else "error"
+    )
+    return {"error": str(exc), "code": code, "data": getattr(exc, "data", None)}

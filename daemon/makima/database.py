@@ -12,6 +12,7 @@ it is started again on the same data, a bounded number of times.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,7 +45,7 @@ from makima.errors import (
 
 log = structlog.get_logger("makima.database")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SAVE_ATTEMPT_TIMEOUT = 30.0  # seconds one attempt of a save point may take
 _SCHEMA_LOCK_KEY = 0x6D616B696D61  # "makima": serialises concurrent schema applies
 
@@ -235,6 +236,8 @@ async def apply_schema(pool: Pool) -> int:
 
     Refuses a database made by a newer makima.
     """
+    text = schema_sql()
+    checksum = hashlib.sha256(text.encode()).hexdigest()
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
         found = await schema_version(conn)
@@ -243,11 +246,25 @@ async def apply_schema(pool: Pool) -> int:
                 f"the database has schema version {found}, newer than this makima's "
                 f"{SCHEMA_VERSION}; upgrade makima or point it at another database"
             )
-        await conn.execute(schema_sql())
+        if found == SCHEMA_VERSION and await _applied_checksum(conn) == checksum:
+            # This very schema.sql was applied: nothing to do, and no table locked (the
+            # ALTERs would lock each table exclusively, in the way of running peers).
+            log.info("database.schema_current", version=found)
+            return found
+        await conn.execute(text)
+        await conn.execute("UPDATE makima_schema SET checksum = $1", checksum)
         version = await schema_version(conn)
     assert version is not None
     log.info("database.schema_applied", version=version, previous=found)
     return version
+
+
+async def _applied_checksum(db: Db) -> str | None:
+    """The checksum of the schema.sql last applied (None before it was recorded)."""
+    # Read through to_jsonb: an older table has no such column, and an error would
+    # end the transaction.
+    value = await db.fetchval("SELECT to_jsonb(m) ->> 'checksum' FROM makima_schema m")
+    return None if value is None else str(value)
 
 
 class Database:
@@ -258,6 +275,7 @@ class Database:
         pool: Pool,
         *,
         embedded: EmbeddedPostgres | None = None,
+        url: str | None = None,
         connect_params: ConnectParams | None = None,
         connect_timeout: float = 10.0,
         restart_limit: int = 5,
@@ -269,6 +287,7 @@ class Database:
         self.restart_limit = restart_limit
         self.restart_window = restart_window
         self.check_interval = check_interval
+        self._url = url
         self._connect_params = connect_params
         self._connect_timeout = connect_timeout
         self._closing = False
@@ -311,6 +330,7 @@ class Database:
         return cls(
             pool,
             embedded=embedded,
+            url=target if isinstance(target, str) else None,
             connect_params=target if isinstance(target, ConnectParams) else None,
             connect_timeout=config.connect_timeout,
             restart_limit=config.embedded_restart_limit,
@@ -426,6 +446,20 @@ class Database:
         )
         await self.pool.expire_connections()
         log.info("database.reconnect_target_changed", host=params.host, port=params.port)
+
+    async def connect(self, application_name: str) -> asyncpg.Connection:
+        """One connection of its own, outside the pool (the lease's: its renewals must
+        not queue behind save points, and it LISTENs), named ``application_name`` in
+        ``pg_stat_activity``. Tried once, within the connect timeout."""
+        kwargs: dict[str, Any] = (
+            {"dsn": self._url}
+            if self._url is not None
+            else (self._connect_params.asyncpg_kwargs() if self._connect_params else {})
+        )
+        settings = {"application_name": application_name}
+        return await asyncpg.connect(
+            **kwargs, server_settings=settings, timeout=self._connect_timeout
+        )
 
     @property
     def available(self) -> bool:

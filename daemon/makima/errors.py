@@ -59,6 +59,17 @@ class SavePointRefusedError(MakimaError):
     """PostgreSQL refused a save point for a reason that retrying cannot cure."""
 
 
+class FencedError(MakimaError):
+    """A write found its supervisor owned by another daemon, or at a newer lease
+    epoch: this daemon's copy was taken over and must stop (nothing was written)."""
+
+    def __init__(self, supervisor_id: object, what: str = "a save point") -> None:
+        super().__init__(
+            f"supervisor {supervisor_id} was taken over by another daemon; {what} was not written"
+        )
+        self.supervisor_id = supervisor_id
+
+
 class EmbeddedDatabaseError(MakimaError):
     """The embedded PostgreSQL could not be set up, started or stopped."""
 

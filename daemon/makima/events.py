@@ -2,6 +2,10 @@
 
 Publishing never waits. Each subscriber has a bounded buffer; one that cannot
 keep up is dropped (its stream closed), never allowed to stall the daemon.
+``supervisor.updated`` (phase, progress, activity, heartbeat: one per live
+supervisor at every heartbeat) is lossy instead: a subscriber whose buffer is
+half full misses it, and is never dropped on its account; the other half stays
+for the events that must not be missed.
 """
 
 from __future__ import annotations
@@ -25,11 +29,16 @@ class EventKind(enum.StrEnum):
     SUPERVISOR_STATE_CHANGED = "supervisor.state_changed"
     SUPERVISOR_RESTORED = "supervisor.restored"
     SUPERVISOR_WARNING = "supervisor.warning"
+    SUPERVISOR_UPDATED = "supervisor.updated"
     TASK_SPAWNED = "task.spawned"
     TASK_FINISHED = "task.finished"
 
 
 Event = dict[str, Any]
+
+LOSSY_KINDS = frozenset({EventKind.SUPERVISOR_UPDATED.value})
+"""Kinds a lagging subscriber may miss (the next one of the same supervisor
+carries the whole picture again): see :meth:`Subscription.offer`."""
 
 
 class Subscription:
@@ -40,12 +49,19 @@ class Subscription:
         self._receive: MemoryObjectReceiveStream[Event]
         self._send, self._receive = anyio.create_memory_object_stream[Event](buffer)
         self.dropped = False
+        self.skipped = 0  # lossy events this subscriber missed
 
     def wants(self, kind: str) -> bool:
         return self.kinds is None or kind in self.kinds
 
-    def offer(self, event: Event) -> bool:
-        """Queue without waiting; False (and closed) when the buffer is full."""
+    def offer(self, event: Event, *, lossy: bool = False) -> bool:
+        """Queue without waiting; False (and closed) when the buffer is full. A
+        ``lossy`` event is skipped instead once the buffer is half full."""
+        if lossy:
+            stats = self._send.statistics()
+            if stats.current_buffer_used * 2 >= stats.max_buffer_size:
+                self.skipped += 1
+                return True
         try:
             self._send.send_nowait(event)
         except anyio.WouldBlock:
@@ -55,6 +71,16 @@ class Subscription:
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
         return True
+
+    def take_ready(self, limit: int) -> list[Event]:
+        """Up to ``limit`` events already queued, without waiting."""
+        ready: list[Event] = []
+        while len(ready) < limit:
+            try:
+                ready.append(self._receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+        return ready
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         async with self._receive:
@@ -82,8 +108,9 @@ class EventBus:
 
     def publish(self, kind: EventKind, **params: Any) -> None:
         event: Event = {"kind": kind.value, **params}
+        lossy = kind.value in LOSSY_KINDS
         for sub in list(self._subscriptions):
-            if sub.wants(kind.value) and not sub.offer(event):
+            if sub.wants(kind.value) and not sub.offer(event, lossy=lossy):
                 self._subscriptions.discard(sub)
                 if sub.dropped:
                     log.warning("events.subscriber_dropped", reason="buffer_full", kind=kind.value)

@@ -454,6 +454,24 @@ class SupervisorSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Fence:
+    """Who may write a supervisor's rows: the daemon that owns it and the lease
+    epoch it claimed it at. Every write carries it and matches it against the row
+    in the same statement (DESIGN §13); ``Fence()`` matches a row nobody owns."""
+
+    owner: uuid.UUID | None = None
+    epoch: int = 0
+
+    @classmethod
+    def of(cls, state: SupervisorState) -> Fence:
+        return cls(state.owner_daemon_id, state.lease_epoch)
+
+
+NO_FENCE = Fence()
+"""The fence of a row nobody owns (a single daemon before leases; tests)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     """One live supervisor's beat: what the daemon holds in memory for it.
 
@@ -467,6 +485,7 @@ class Heartbeat:
     current_activity: str | None
     progress: int
     version: int
+    fence: Fence = NO_FENCE
 
 
 @dataclass(frozen=True, slots=True)

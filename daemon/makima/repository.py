@@ -32,10 +32,18 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from makima.database import Db
-from makima.errors import ConflictError, InvalidValueError, MakimaError, NotFoundError
+from makima.errors import (
+    ConflictError,
+    FencedError,
+    InvalidValueError,
+    MakimaError,
+    NotFoundError,
+)
 from makima.model import (
+    NO_FENCE,
     UNFINISHED_STATES,
     CheckpointRecord,
+    Fence,
     Heartbeat,
     MessageRecord,
     PendingQuestion,
@@ -75,6 +83,29 @@ _STATE = ", ".join(f"st.{c}" for c in _STATE_COLUMNS)
 _SPEC = "sp.supervisor_id, sp.name, sp.goal, sp.agent_command, sp.cwd, sp.env, sp.created_at"
 _UNFINISHED = [s.value for s in sorted(UNFINISHED_STATES)]
 _BUMP = "version = version + 1, updated_at = now()"
+
+
+def _fenced(owner: int, epoch: int, table: str = "") -> str:
+    """The fencing condition (DESIGN §13) on a ``supervisor_states`` row, with the
+    fence's owner and epoch in parameters ``$owner`` and ``$epoch``."""
+    t = f"{table}." if table else ""
+    return (
+        f"{t}owner_daemon_id IS NOT DISTINCT FROM ${owner}::uuid "
+        f"AND {t}lease_epoch = ${epoch}::bigint"
+    )
+
+
+def _fence_cte(supervisor: int, owner: int, epoch: int) -> str:
+    """``f``: the supervisor's row if the fence holds, share-locked until the commit, so
+    that a claim either waits for this write or, committed first, fails its check
+    (READ COMMITTED re-reads the newest row version after a lock wait)."""
+    return (
+        f"f AS (SELECT 1 FROM supervisor_states WHERE supervisor_id = ${supervisor}::uuid "
+        f"AND {_fenced(owner, epoch)} FOR SHARE)"
+    )
+
+
+_PRESENT = "EXISTS (SELECT 1 FROM supervisor_states WHERE supervisor_id = $1) AS present"
 R = TypeVar("R")
 
 
@@ -110,20 +141,44 @@ class Bound(Generic[R]):
 
 
 def _version_or_none(row: asyncpg.Record) -> int | None:
+    """The new version; None when the supervisor has no state row; FencedError when
+    it has one that another daemon (or a newer epoch) owns."""
     value = row["version"]
-    return None if value is None else int(value)
+    if value is None:
+        if row["present"]:
+            raise FencedError(row["for_supervisor"])
+        return None
+    return int(value)
 
 
 def _version_required(row: asyncpg.Record) -> int:
     """The new version; NotFoundError when no row was written (the statement
-    echoes the supervisor id it was given as ``for_supervisor``)."""
+    echoes the supervisor id it was given as ``for_supervisor``), FencedError when
+    the row is there but the fence did not hold."""
     value = row["version"]
     if value is None:
+        if row["present"]:
+            raise FencedError(row["for_supervisor"])
         raise NotFoundError(f"no supervisor {row['for_supervisor']}")
     return int(value)
 
 
+def _present(at: int) -> str:
+    return f"EXISTS (SELECT 1 FROM supervisor_states WHERE supervisor_id = ${at}::uuid) AS present"
+
+
+def _held(row: asyncpg.Record) -> bool:
+    """Whether the fence (the ``held`` column) held; FencedError when it did not on a
+    supervisor that has a state row (``present``): False means no such supervisor."""
+    if row["held"]:
+        return True
+    if row["present"]:
+        raise FencedError(row["for_supervisor"])
+    return False
+
+
 def _task_or_none(row: asyncpg.Record) -> TaskRecord | None:
+    _held(row)
     return None if row["task_id"] is None else TaskRecord.from_row(row)
 
 
@@ -158,12 +213,16 @@ def _split(row: asyncpg.Record) -> tuple[dict[str, Any], dict[str, Any]]:
 # --------------------------------------------------------------------------- specs
 
 
-async def create_supervisor(db: Db, spec: SupervisorSpec) -> SupervisorState:
-    """Write the spec and its initial state row: one statement."""
+async def create_supervisor(
+    db: Db, spec: SupervisorSpec, owner: uuid.UUID | None = None
+) -> SupervisorState:
+    """Write the spec and its initial state row: one statement. ``owner``: the daemon
+    that runs it (at lease epoch 1), or nobody."""
     row = await db.fetchrow(
         "WITH sp AS (INSERT INTO supervisors (supervisor_id, name, goal, agent_command, cwd, env) "
         "VALUES ($1, $2, $3, $4, $5, $6) RETURNING supervisor_id) "
-        "INSERT INTO supervisor_states AS st (supervisor_id) SELECT supervisor_id FROM sp "
+        "INSERT INTO supervisor_states AS st (supervisor_id, owner_daemon_id, lease_epoch) "
+        "SELECT supervisor_id, $7::uuid, CASE WHEN $7::uuid IS NULL THEN 0 ELSE 1 END FROM sp "
         f"RETURNING {_STATE}",
         spec.supervisor_id,
         spec.name,
@@ -171,6 +230,7 @@ async def create_supervisor(db: Db, spec: SupervisorSpec) -> SupervisorState:
         list(spec.agent_command),
         spec.cwd,
         dict(spec.env),
+        owner,
     )
     state = _state(row)
     assert state is not None
@@ -257,8 +317,8 @@ STATE_CHANGE: Statement[int | None] = Statement(
     "state_change",
     "WITH st AS (UPDATE supervisor_states SET state = $2, current_activity = $3, progress = $4, "
     f"error_message = $5, result = COALESCE($6::jsonb, result), {_BUMP} "
-    "WHERE supervisor_id = $1 RETURNING version) "
-    "SELECT (SELECT version FROM st) AS version",
+    f"WHERE supervisor_id = $1 AND {_fenced(7, 8)} RETURNING version) "
+    f"SELECT $1::uuid AS for_supervisor, (SELECT version FROM st) AS version, {_PRESENT}",
     _version_or_none,
 )
 
@@ -270,10 +330,20 @@ def state_change(
     progress: int,
     error_message: str | None = None,
     result: Any = None,
+    fence: Fence = NO_FENCE,
 ) -> Bound[int | None]:
     return Bound(
         STATE_CHANGE,
-        (supervisor_id, state.value, current_activity, progress, error_message, result),
+        (
+            supervisor_id,
+            state.value,
+            current_activity,
+            progress,
+            error_message,
+            result,
+            fence.owner,
+            fence.epoch,
+        ),
     )
 
 
@@ -350,12 +420,17 @@ _STATE_UPSERT = (
     "checkpoint_data = EXCLUDED.checkpoint_data, "
     "last_heartbeat = EXCLUDED.last_heartbeat, "
     "owner_daemon_id = EXCLUDED.owner_daemon_id, lease_epoch = EXCLUDED.lease_epoch, "
-    "version = st.version + 1, updated_at = now()"
+    "version = st.version + 1, updated_at = now() "
+    # Fenced: only the owner at that epoch rewrites a row (the owner and epoch are
+    # the state's own, which restoration stamps with the claim it restores under).
+    "WHERE st.owner_daemon_id IS NOT DISTINCT FROM EXCLUDED.owner_daemon_id "
+    "AND st.lease_epoch = EXCLUDED.lease_epoch"
 )
 
 
 async def save_supervisor_state_full(db: Db, state: SupervisorState) -> int:
-    """UPSERT a whole state. Returns the new version.
+    """UPSERT a whole state. Returns the new version; FencedError when the row is
+    owned by another daemon or epoch than the state says.
 
     On an existing row the restoration bookkeeping (restoration_count,
     last_restored_at, restoration_source) is left alone: only
@@ -385,6 +460,8 @@ async def save_supervisor_state_full(db: Db, state: SupervisorState) -> int:
         state.owner_daemon_id,
         state.lease_epoch,
     )
+    if value is None:
+        raise FencedError(state.supervisor_id, "its restored state")
     return int(value)
 
 
@@ -393,8 +470,8 @@ async def save_supervisor_states_full(
 ) -> dict[uuid.UUID, int]:
     """Bulk form of :func:`save_supervisor_state_full`: one UNNEST statement for
     many states (restoration writes every decided state at once). Returns each
-    supervisor's new version. Atomic: one bad state fails them all, and the caller
-    then saves them one by one."""
+    supervisor's new version (none for a row another daemon or epoch owns: fenced).
+    Atomic: one bad state fails them all, and the caller then saves them one by one."""
     if not states:
         return {}
     rows = await db.fetch(
@@ -452,15 +529,19 @@ async def mark_supervisors_restored(
     source: RestorationSource,
     *,
     unless_past: Mapping[uuid.UUID, int] | None = None,
+    fences: Mapping[uuid.UUID, Fence] | None = None,
 ) -> dict[uuid.UUID, tuple[int, int]]:
     """Bulk form of :func:`mark_supervisor_restored` (one statement for many).
 
     Returns each supervisor's restoration count and row version. With
     ``unless_past`` (each supervisor's row version before this count: for a
     retry whose first attempt may have committed unseen), a row whose version
-    has moved past it was counted already and is left as it is.
+    has moved past it was counted already and is left as it is. ``fences``: each
+    one's owner and epoch (none: nobody's, epoch 0); a row they do not match is
+    not counted and not returned.
     """
     versions = [-1 if unless_past is None else unless_past.get(sid, -1) for sid in supervisor_ids]
+    held = [NO_FENCE if fences is None else fences.get(sid, NO_FENCE) for sid in supervisor_ids]
     count = "NOT $4 OR st.version <= b.version"  # re-checked on the newest row after a lock wait
     rows = await db.fetch(
         "UPDATE supervisor_states AS st SET "
@@ -470,13 +551,17 @@ async def mark_supervisors_restored(
         f"restoration_source = CASE WHEN {count} THEN $2 ELSE st.restoration_source END, "
         f"version = CASE WHEN {count} THEN st.version + 1 ELSE st.version END, "
         f"updated_at = CASE WHEN {count} THEN now() ELSE st.updated_at END "
-        "FROM unnest($1::uuid[], $3::bigint[]) AS b(supervisor_id, version) "
+        "FROM unnest($1::uuid[], $3::bigint[], $5::uuid[], $6::bigint[]) "
+        "AS b(supervisor_id, version, owner, epoch) "
         "WHERE st.supervisor_id = b.supervisor_id "
+        "AND st.owner_daemon_id IS NOT DISTINCT FROM b.owner AND st.lease_epoch = b.epoch "
         "RETURNING st.supervisor_id, st.restoration_count, st.version",
         list(supervisor_ids),
         source.value,
         versions,
         unless_past is not None,
+        [f.owner for f in held],
+        [f.epoch for f in held],
     )
     return {r["supervisor_id"]: (int(r["restoration_count"]), int(r["version"])) for r in rows}
 
@@ -531,6 +616,25 @@ async def load_unfinished_supervisor_states(
     return out
 
 
+async def load_supervisor_states(
+    db: Db, supervisor_ids: Sequence[uuid.UUID]
+) -> list[tuple[uuid.UUID, SupervisorState | InvalidValueError]]:
+    """The named supervisors' state rows (a claim's), each read alone: a row that
+    cannot be read comes back as its error."""
+    rows = await db.fetch(
+        f"SELECT {_STATE} FROM supervisor_states st WHERE st.supervisor_id = ANY($1::uuid[]) "
+        "ORDER BY st.created_at, st.supervisor_id",
+        list(supervisor_ids),
+    )
+    out: list[tuple[uuid.UUID, SupervisorState | InvalidValueError]] = []
+    for row in rows:
+        try:
+            out.append((row["supervisor_id"], SupervisorState.from_row(row)))
+        except InvalidValueError as exc:
+            out.append((row["supervisor_id"], exc))
+    return out
+
+
 async def get_supervisor_specs(
     db: Db, supervisor_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, SupervisorSpec]:
@@ -575,32 +679,60 @@ async def get_checkpointed_supervisors(
 
 
 async def record_question_rows(
-    db: Db, supervisor_id: uuid.UUID, questions: Sequence[PendingQuestion]
+    db: Db,
+    supervisor_id: uuid.UUID,
+    questions: Sequence[PendingQuestion],
+    fence: Fence = NO_FENCE,
 ) -> None:
     """Give pending questions that lack one a row in ``questions`` (repair)."""
     if not questions:
         return
-    await db.execute(
-        "INSERT INTO questions (question_id, supervisor_id, question, choices, context, asked_at) "
-        "SELECT q.id, $1, q.question, q.choices, q.context, q.asked_at "
+    row = await db.fetchrow(
+        f"WITH {_fence_cte(1, 7, 8)}, "
+        "ins AS (INSERT INTO questions (question_id, supervisor_id, question, choices, context, "
+        "asked_at) SELECT q.id, $1, q.question, q.choices, q.context, q.asked_at "
         "FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::timestamptz[]) "
-        "AS q(id, question, choices, context, asked_at) ON CONFLICT (question_id) DO NOTHING",
+        "AS q(id, question, choices, context, asked_at) WHERE EXISTS (SELECT 1 FROM f) "
+        "ON CONFLICT (question_id) DO NOTHING) "
+        f"SELECT $1::uuid AS for_supervisor, EXISTS (SELECT 1 FROM f) AS held, {_present(1)}",
         supervisor_id,
         [q.id for q in questions],
         [q.question for q in questions],
         [list(q.choices) for q in questions],
         [q.context for q in questions],
         [q.asked_at for q in questions],
+        fence.owner,
+        fence.epoch,
     )
+    assert row is not None
+    _held(row)
 
 
-async def mark_answers_delivered(db: Db, question_ids: Sequence[uuid.UUID]) -> int:
-    rows = await db.fetch(
-        "UPDATE questions SET delivered_at = now() WHERE question_id = ANY($1::uuid[]) "
-        "AND answer IS NOT NULL AND delivered_at IS NULL RETURNING 1",
+async def mark_answers_delivered(
+    db: Db,
+    question_ids: Sequence[uuid.UUID],
+    supervisor_id: uuid.UUID | None = None,
+    fence: Fence = NO_FENCE,
+) -> int:
+    """Mark delivered the answers of one supervisor's questions (fenced), or, with no
+    supervisor given, of any (restoration's repairs and tests)."""
+    row = await db.fetchrow(
+        "WITH f AS (SELECT 1 FROM supervisor_states WHERE supervisor_id = $2::uuid "
+        f"AND {_fenced(3, 4)} FOR SHARE), "
+        "d AS (UPDATE questions SET delivered_at = now() WHERE question_id = ANY($1::uuid[]) "
+        "AND answer IS NOT NULL AND delivered_at IS NULL "
+        "AND ($2::uuid IS NULL OR (supervisor_id = $2 AND EXISTS (SELECT 1 FROM f))) "
+        "RETURNING 1) "
+        "SELECT $2::uuid AS for_supervisor, (SELECT count(*) FROM d) AS n, "
+        f"($2::uuid IS NULL OR EXISTS (SELECT 1 FROM f)) AS held, {_present(2)}",
         list(question_ids),
+        supervisor_id,
+        fence.owner,
+        fence.epoch,
     )
-    return len(rows)
+    assert row is not None
+    _held(row)
+    return int(row["n"])
 
 
 async def validate_spawned_tasks(db: Db, supervisor_id: uuid.UUID) -> SpawnedTaskConsistency:
@@ -661,8 +793,9 @@ async def update_supervisors_heartbeat_bulk(
     Every row whose state is the beat's gets ``last_heartbeat``; its activity
     and progress are written only when its version is the beat's (see
     :class:`~makima.model.Heartbeat`). A row whose state differs (a save point
-    committed since the beat was taken) is left alone. Returns, for each row
-    touched, its version and whether activity and progress were written.
+    committed since the beat was taken) is left alone, and so is a row the beat's
+    fence does not hold. Returns, for each row touched, its version and whether
+    activity and progress were written.
     """
     if not beats:
         return {}
@@ -671,15 +804,19 @@ async def update_supervisors_heartbeat_bulk(
         "current_activity = CASE WHEN st.version = b.version "
         "THEN b.activity ELSE st.current_activity END, "
         "progress = CASE WHEN st.version = b.version THEN b.progress ELSE st.progress END "
-        "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bigint[]) "
-        "AS b(supervisor_id, state, activity, progress, version) "
+        "FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::bigint[], "
+        "$6::uuid[], $7::bigint[]) "
+        "AS b(supervisor_id, state, activity, progress, version, owner, epoch) "
         "WHERE st.supervisor_id = b.supervisor_id AND st.state = b.state "
+        "AND st.owner_daemon_id IS NOT DISTINCT FROM b.owner AND st.lease_epoch = b.epoch "
         "RETURNING st.supervisor_id, st.version, st.version = b.version AS written",
         [b.supervisor_id for b in beats],
         [b.state.value for b in beats],
         [b.current_activity for b in beats],
         [b.progress for b in beats],
         [b.version for b in beats],
+        [b.fence.owner for b in beats],
+        [b.fence.epoch for b in beats],
     )
     return {r["supervisor_id"]: (int(r["version"]), bool(r["written"])) for r in rows}
 
@@ -710,19 +847,20 @@ TASK_SPAWNED: Statement[tuple[TaskRecord, int]] = Statement(
     "WHEN $1::uuid = ANY(spawned_task_ids) THEN spawned_task_ids "
     "ELSE array_append(COALESCE(spawned_task_ids, ARRAY[]::uuid[]), $1::uuid) END, "
     f"state = COALESCE($8::text, state), {_BUMP} "
-    "WHERE supervisor_id = $2 RETURNING supervisor_id, version), "
+    f"WHERE supervisor_id = $2 AND {_fenced(9, 10)} RETURNING supervisor_id, version), "
     "t AS (INSERT INTO tasks (task_id, supervisor_id, name, command, cwd, env, status) "
     "SELECT $1, st.supervisor_id, $3, $4, $5, $6, $7 FROM st "
     "ON CONFLICT (task_id) DO UPDATE SET supervisor_id = tasks.supervisor_id "
     f"RETURNING {_TASK}) "
-    f"SELECT $2::uuid AS for_supervisor, st.version, {_TASK_T} "
+    f"SELECT $2::uuid AS for_supervisor, st.version, {_TASK_T}, "
+    "EXISTS (SELECT 1 FROM supervisor_states WHERE supervisor_id = $2) AS present "
     "FROM (SELECT 1) AS one LEFT JOIN st ON true LEFT JOIN t ON true",
     _spawned,
 )
 
 
 def task_spawned(
-    task: TaskRecord, state: SupervisorStateEnum | None = None
+    task: TaskRecord, state: SupervisorStateEnum | None = None, fence: Fence = NO_FENCE
 ) -> Bound[tuple[TaskRecord, int]]:
     return Bound(
         TASK_SPAWNED,
@@ -735,6 +873,8 @@ def task_spawned(
             dict(task.env),
             task.status.value,
             None if state is None else state.value,
+            fence.owner,
+            fence.epoch,
         ),
     )
 
@@ -753,39 +893,57 @@ async def create_task(
 
 TASK_STARTED: Statement[TaskRecord | None] = Statement(
     "task_started",
-    "WITH t AS (UPDATE tasks SET status = 'running', attempts = attempts + 1, "
+    f"WITH {_fence_cte(2, 3, 4)}, "
+    "t AS (UPDATE tasks SET status = 'running', attempts = attempts + 1, "
     "started_at = now(), finished_at = NULL, exit_code = NULL "
-    f"WHERE task_id = $1 AND status IN ('pending', 'running', 'interrupted') RETURNING {_TASK}) "
-    f"SELECT {_TASK_T} FROM (SELECT 1) AS one LEFT JOIN t ON true",
+    "WHERE task_id = $1 AND supervisor_id = $2 AND status IN ('pending', 'running', "
+    f"'interrupted') AND EXISTS (SELECT 1 FROM f) RETURNING {_TASK}) "
+    f"SELECT $2::uuid AS for_supervisor, EXISTS (SELECT 1 FROM f) AS held, {_present(2)}, "
+    f"{_TASK_T} FROM (SELECT 1) AS one LEFT JOIN t ON true",
     _task_or_none,
 )
 
 
-def task_started(task_id: uuid.UUID) -> Bound[TaskRecord | None]:
-    return Bound(TASK_STARTED, (task_id,))
+def task_started(
+    task_id: uuid.UUID, supervisor_id: uuid.UUID, fence: Fence = NO_FENCE
+) -> Bound[TaskRecord | None]:
+    return Bound(TASK_STARTED, (task_id, supervisor_id, fence.owner, fence.epoch))
 
 
-async def mark_task_running(db: Db, task_id: uuid.UUID) -> TaskRecord | None:
+async def mark_task_running(
+    db: Db, task_id: uuid.UUID, supervisor_id: uuid.UUID, fence: Fence = NO_FENCE
+) -> TaskRecord | None:
     """A new attempt of the task's process has started."""
-    return await task_started(task_id).run(db)
+    return await task_started(task_id, supervisor_id, fence).run(db)
 
 
 TASK_FINISHED: Statement[TaskRecord | None] = Statement(
     "task_finished",
-    "WITH t AS (UPDATE tasks SET status = $2, exit_code = $3, output_tail = $4, "
+    f"WITH {_fence_cte(5, 6, 7)}, "
+    "t AS (UPDATE tasks SET status = $2, exit_code = $3, output_tail = $4, "
     "finished_at = now() "
-    f"WHERE task_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}) "
-    f"SELECT {_TASK_T} FROM (SELECT 1) AS one LEFT JOIN t ON true",
+    "WHERE task_id = $1 AND supervisor_id = $5 AND status IN ('pending', 'running') "
+    f"AND EXISTS (SELECT 1 FROM f) RETURNING {_TASK}) "
+    f"SELECT $5::uuid AS for_supervisor, EXISTS (SELECT 1 FROM f) AS held, {_present(5)}, "
+    f"{_TASK_T} FROM (SELECT 1) AS one LEFT JOIN t ON true",
     _task_or_none,
 )
 
 
 def task_finished(
-    task_id: uuid.UUID, status: TaskStatus, exit_code: int | None, output_tail: str | None
+    task_id: uuid.UUID,
+    status: TaskStatus,
+    exit_code: int | None,
+    output_tail: str | None,
+    supervisor_id: uuid.UUID,
+    fence: Fence = NO_FENCE,
 ) -> Bound[TaskRecord | None]:
     if not status.is_finished:
         raise ValueError(f"finish_task needs a final status; got {status.value!r}")
-    return Bound(TASK_FINISHED, (task_id, status.value, exit_code, output_tail))
+    return Bound(
+        TASK_FINISHED,
+        (task_id, status.value, exit_code, output_tail, supervisor_id, fence.owner, fence.epoch),
+    )
 
 
 async def finish_task(
@@ -794,9 +952,12 @@ async def finish_task(
     status: TaskStatus,
     exit_code: int | None,
     output_tail: str | None,
+    supervisor_id: uuid.UUID,
+    fence: Fence = NO_FENCE,
 ) -> TaskRecord | None:
     """Record a final status. None if the task is unknown or already finished."""
-    return await task_finished(task_id, status, exit_code, output_tail).run(db)
+    bound = task_finished(task_id, status, exit_code, output_tail, supervisor_id, fence)
+    return await bound.run(db)
 
 
 async def get_task(db: Db, task_id: uuid.UUID) -> TaskRecord | None:
@@ -822,21 +983,42 @@ async def cancel_unfinished_tasks(db: Db, supervisor_id: uuid.UUID) -> list[Task
     return await end_unfinished_tasks(db, supervisor_id, TaskStatus.CANCELLED)
 
 
+async def _fenced_tasks(
+    db: Db, supervisor_id: uuid.UUID, fence: Fence, sql: str, *args: Any
+) -> list[TaskRecord]:
+    """Run ``sql`` (an UPDATE of one supervisor's tasks RETURNING them, its own
+    parameters from $4 on, ``EXISTS (SELECT 1 FROM f)`` in its condition) under the
+    fence ($1 the supervisor, $2 owner, $3 epoch); FencedError when it does not hold."""
+    rows = await db.fetch(
+        f"WITH {_fence_cte(1, 2, 3)}, w AS ({sql}) "
+        f"SELECT $1::uuid AS for_supervisor, EXISTS (SELECT 1 FROM f) AS held, {_present(1)}, "
+        "w.* FROM (SELECT 1) AS one LEFT JOIN w ON true",
+        supervisor_id,
+        fence.owner,
+        fence.epoch,
+        *args,
+    )
+    _held(rows[0])
+    return [TaskRecord.from_row(r) for r in rows if r["task_id"] is not None]
+
+
 async def end_unfinished_tasks(
-    db: Db, supervisor_id: uuid.UUID, status: TaskStatus
+    db: Db, supervisor_id: uuid.UUID, status: TaskStatus, fence: Fence = NO_FENCE
 ) -> list[TaskRecord]:
     """Mark every pending or running task of a supervisor ``status``."""
-    rows = await db.fetch(
-        "UPDATE tasks SET status = $2, finished_at = now() "
-        f"WHERE supervisor_id = $1 AND status IN ('pending', 'running') RETURNING {_TASK}",
+    return await _fenced_tasks(
+        db,
         supervisor_id,
+        fence,
+        "UPDATE tasks SET status = $4, finished_at = now() "
+        "WHERE supervisor_id = $1 AND status IN ('pending', 'running') "
+        f"AND EXISTS (SELECT 1 FROM f) RETURNING {_TASK}",
         status.value,
     )
-    return [TaskRecord.from_row(r) for r in rows]
 
 
 async def requeue_interrupted_tasks(
-    db: Db, supervisor_id: uuid.UUID, since: datetime | None
+    db: Db, supervisor_id: uuid.UUID, since: datetime | None, fence: Fence = NO_FENCE
 ) -> list[TaskRecord]:
     """Put back to ``pending`` the tasks interrupted after ``since`` (all, with None).
 
@@ -844,35 +1026,48 @@ async def requeue_interrupted_tasks(
     since then was stopped with the agent that ran it (the daemon's or the agent's
     stop), and no restored agent has been told of it, so it may run again.
     """
-    rows = await db.fetch(
+    return await _fenced_tasks(
+        db,
+        supervisor_id,
+        fence,
         "UPDATE tasks SET status = 'pending', finished_at = NULL, exit_code = NULL "
         "WHERE supervisor_id = $1 AND status = 'interrupted' "
-        f"AND ($2::timestamptz IS NULL OR finished_at > $2) RETURNING {_TASK}",
-        supervisor_id,
+        "AND ($4::timestamptz IS NULL OR finished_at > $4) "
+        f"AND EXISTS (SELECT 1 FROM f) RETURNING {_TASK}",
         since,
     )
-    return [TaskRecord.from_row(r) for r in rows]
 
 
 # --------------------------------------------------------------------------- messages, checkpoints
 
 
+def _seq(row: asyncpg.Record) -> int:
+    if not _held(row):
+        raise NotFoundError(f"no supervisor {row['for_supervisor']}")
+    return int(row["seq"])
+
+
 MESSAGE_ADDED: Statement[int] = Statement(
     "message_added",
-    # One row always: the aggregate yields one, so one message is inserted.
-    "INSERT INTO supervisor_messages (supervisor_id, seq, role, content) "
+    # One message when the fence holds: the aggregate yields one row.
+    f"WITH {_fence_cte(1, 4, 5)}, "
+    "m AS (INSERT INTO supervisor_messages (supervisor_id, seq, role, content) "
     "SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3 FROM supervisor_messages "
-    "WHERE supervisor_id = $1 RETURNING seq",
-    lambda row: int(row["seq"]),
+    "WHERE supervisor_id = $1 HAVING EXISTS (SELECT 1 FROM f) RETURNING seq) "
+    "SELECT $1::uuid AS for_supervisor, EXISTS (SELECT 1 FROM f) AS held, "
+    f"{_present(1)}, (SELECT seq FROM m) AS seq",
+    _seq,
 )
 
 
-def message_added(supervisor_id: uuid.UUID, role: str, content: Any) -> Bound[int]:
-    return Bound(MESSAGE_ADDED, (supervisor_id, role, content))
+def message_added(
+    supervisor_id: uuid.UUID, role: str, content: Any, fence: Fence = NO_FENCE
+) -> Bound[int]:
+    return Bound(MESSAGE_ADDED, (supervisor_id, role, content, fence.owner, fence.epoch))
 
 
 async def append_supervisor_message(
-    db: Db, supervisor_id: uuid.UUID, role: str, content: Any
+    db: Db, supervisor_id: uuid.UUID, role: str, content: Any, fence: Fence = NO_FENCE
 ) -> int:
     """Append to the conversation history. Returns the message's ``seq``.
 
@@ -880,7 +1075,7 @@ async def append_supervisor_message(
     concurrent appends for the same supervisor would collide on the key and
     one would fail rather than be lost.
     """
-    return await message_added(supervisor_id, role, content).run(db)
+    return await message_added(supervisor_id, role, content, fence).run(db)
 
 
 async def get_supervisor_messages(
@@ -944,11 +1139,11 @@ def _with_checkpoint(name: str, columns: str) -> Statement[int]:
     return Statement(
         name,
         f"WITH st AS (UPDATE supervisor_states SET {sets}, {_BUMP} "
-        "WHERE supervisor_id = $1 RETURNING supervisor_id, version), "
+        f"WHERE supervisor_id = $1 AND {_fenced(8, 9)} RETURNING supervisor_id, version), "
         "cp AS (INSERT INTO supervisor_checkpoints (supervisor_id, seq, snapshot, reason) "
         "SELECT st.supervisor_id, COALESCE((SELECT MAX(c.seq) FROM supervisor_checkpoints c "
         "WHERE c.supervisor_id = $1), 0) + 1, $6, $7 FROM st) "
-        "SELECT $1::uuid AS for_supervisor, (SELECT version FROM st) AS version",
+        f"SELECT $1::uuid AS for_supervisor, (SELECT version FROM st) AS version, {_PRESENT}",
         _version_required,
     )
 
@@ -970,6 +1165,8 @@ def phase_change(snapshot: SupervisorState) -> Bound[int]:
             snapshot.progress,
             snapshot.to_json(),
             "phase_change",
+            snapshot.owner_daemon_id,
+            snapshot.lease_epoch,
         ),
     )
 
@@ -985,6 +1182,8 @@ def checkpoint_saved(snapshot: SupervisorState) -> Bound[int]:
             snapshot.progress,
             snapshot.to_json(),
             "explicit",
+            snapshot.owner_daemon_id,
+            snapshot.lease_epoch,
         ),
     )
 
@@ -1027,17 +1226,21 @@ QUESTION_ASKED: Statement[int] = Statement(
     "@> jsonb_build_array(jsonb_build_object('id', $2::uuid::text)) "
     "THEN pending_questions "
     "ELSE COALESCE(pending_questions, '[]'::jsonb) || jsonb_build_array($3::jsonb) END, "
-    f"state = $8, {_BUMP} WHERE supervisor_id = $1 RETURNING supervisor_id, version), "
+    f"state = $8, {_BUMP} WHERE supervisor_id = $1 AND {_fenced(9, 10)} "
+    "RETURNING supervisor_id, version), "
     "q AS (INSERT INTO questions (question_id, supervisor_id, question, choices, context, "
     "asked_at) SELECT $2, st.supervisor_id, $4, $5, $6, $7 FROM st "
     "ON CONFLICT (question_id) DO NOTHING) "
-    "SELECT $1::uuid AS for_supervisor, (SELECT version FROM st) AS version",
+    f"SELECT $1::uuid AS for_supervisor, (SELECT version FROM st) AS version, {_PRESENT}",
     _version_required,
 )
 
 
 def question_asked(
-    supervisor_id: uuid.UUID, question: PendingQuestion, state: SupervisorStateEnum
+    supervisor_id: uuid.UUID,
+    question: PendingQuestion,
+    state: SupervisorStateEnum,
+    fence: Fence = NO_FENCE,
 ) -> Bound[int]:
     return Bound(
         QUESTION_ASKED,
@@ -1050,6 +1253,8 @@ def question_asked(
             question.context,
             question.asked_at,
             state.value,
+            fence.owner,
+            fence.epoch,
         ),
     )
 
@@ -1077,15 +1282,25 @@ _ANSWER = (
     "FROM cur WHERE q.question_id = cur.question_id AND cur.answer IS NULL AND $5::boolean "
     "AND (jsonb_array_length(cur.choices) = 0 OR cur.choices ? $2) "
     "RETURNING q.supervisor_id, q.answered_at), "
-    # Out of pending_questions, and the supervisor's new state if one is given.
-    "st AS (UPDATE supervisor_states AS s SET pending_questions = COALESCE(("
-    "SELECT jsonb_agg(e.q ORDER BY e.n) FROM jsonb_array_elements(s.pending_questions) "
-    "WITH ORDINALITY AS e(q, n) WHERE e.q->>'id' IS DISTINCT FROM $1::uuid::text), "
-    "'[]'::jsonb), state = COALESCE($4::text, s.state), "
+    # Out of pending_questions (a person's answer, whoever runs the supervisor), and
+    # the state: the owner's (its fence held) gives it; otherwise the last open
+    # question answered moves waiting_for_user on to working, as the owner will.
+    "rest AS (SELECT s.supervisor_id, COALESCE((SELECT jsonb_agg(e.q ORDER BY e.n) "
+    "FROM jsonb_array_elements(s.pending_questions) WITH ORDINALITY AS e(q, n) "
+    "WHERE e.q->>'id' IS DISTINCT FROM $1::uuid::text), '[]'::jsonb) AS pending, "
+    f"($8::boolean AND {_fenced(6, 7, 's')}) AS owner "
+    "FROM supervisor_states s JOIN upd USING (supervisor_id)), "
+    "st AS (UPDATE supervisor_states AS s SET pending_questions = rest.pending, "
+    "state = CASE WHEN rest.owner THEN COALESCE($4::text, s.state) "
+    "WHEN rest.pending = '[]'::jsonb AND s.state = 'waiting_for_user' THEN 'working' "
+    "ELSE s.state END, "
     "version = s.version + 1, updated_at = now() "
-    "FROM upd WHERE s.supervisor_id = upd.supervisor_id AND ($4::text IS NOT NULL "
+    "FROM rest WHERE s.supervisor_id = rest.supervisor_id AND (($4::text IS NOT NULL "
+    "AND rest.owner) "
     "OR s.pending_questions @> jsonb_build_array(jsonb_build_object('id', $1::uuid::text)))) "
-    "SELECT cur.*, upd.answered_at AS new_answered_at, upd.supervisor_id IS NOT NULL AS written "
+    "SELECT cur.*, upd.answered_at AS new_answered_at, upd.supervisor_id IS NOT NULL AS written, "
+    "(NOT $8::boolean OR EXISTS (SELECT 1 FROM supervisor_states s2 "
+    f"WHERE s2.supervisor_id = cur.supervisor_id AND {_fenced(6, 7, 's2')})) AS held "
     "FROM cur LEFT JOIN upd ON true"
 )
 
@@ -1098,6 +1313,7 @@ async def answer_question(
     *,
     state: SupervisorStateEnum | None = None,
     retry: bool = False,
+    fence: Fence | None = None,
 ) -> QuestionRecord:
     """Record the one answer to a question and drop it from ``pending_questions``;
     with ``state``, also move the supervisor to that state.
@@ -1108,7 +1324,11 @@ async def answer_question(
     answered already, InvalidAnswerError when ``answer`` is not one of the
     choices. With ``retry`` (this call repeats one whose outcome was lost with
     its connection), the same answer by the same uid already recorded is that
-    call's own commit: it is returned, not refused.
+    call's own commit: it is returned, not refused. With ``fence`` (the owner's
+    answer), the supervisor's row is written only if the fence holds; the answer
+    is recorded either way, and FencedError (after the commit) says the fence
+    did not hold: the supervisor runs elsewhere now, and its new owner takes the
+    answer from the row.
     """
     acceptable = isinstance(answer, str) and bool(answer.strip())
     row = await db.fetchrow(
@@ -1118,10 +1338,23 @@ async def answer_question(
         answered_by_uid,
         None if state is None else state.value,
         acceptable,
+        None if fence is None else fence.owner,
+        0 if fence is None else fence.epoch,
+        fence is not None,
     )
     if row is None:
         raise NotFoundError(f"no question {question_id}")
     existing = QuestionRecord.from_row(row)
+    if row["written"] and not row["held"]:
+        raise AnsweredElsewhereError(
+            existing.supervisor_id,
+            dataclasses.replace(
+                existing,
+                answer=answer,
+                answered_at=row["new_answered_at"],
+                answered_by_uid=answered_by_uid,
+            ),
+        )
     if row["written"]:
         return dataclasses.replace(
             existing,
@@ -1142,6 +1375,15 @@ async def answer_question(
         )
     check_answer(answer, existing.choices)  # raises: not acceptable, or not a choice
     raise MakimaError(f"question {question_id} was not answered, for no reason found")
+
+
+class AnsweredElsewhereError(FencedError):
+    """The answer was recorded, but the supervisor is owned elsewhere now: the
+    record is in ``record`` (its new owner delivers it)."""
+
+    def __init__(self, supervisor_id: uuid.UUID, record: QuestionRecord) -> None:
+        super().__init__(supervisor_id, "the answer's change to its state")
+        self.record = record
 
 
 def _clip(text: str | None, limit: int = 60) -> str:
@@ -1182,45 +1424,77 @@ async def get_undelivered_answers(db: Db, supervisor_id: uuid.UUID) -> list[Ques
     return [QuestionRecord.from_row(r) for r in rows]
 
 
+def _delivered(row: asyncpg.Record) -> bool:
+    return _held(row) and bool(row["delivered"])
+
+
 ANSWER_DELIVERED: Statement[bool] = Statement(
     "answer_delivered",
-    "WITH d AS (UPDATE questions SET delivered_at = now() "
-    "WHERE question_id = $1 AND answer IS NOT NULL AND delivered_at IS NULL RETURNING 1) "
-    "SELECT EXISTS (SELECT 1 FROM d) AS delivered",
-    lambda row: bool(row["delivered"]),
+    f"WITH {_fence_cte(2, 3, 4)}, "
+    "d AS (UPDATE questions SET delivered_at = now() "
+    "WHERE question_id = $1 AND supervisor_id = $2 AND answer IS NOT NULL "
+    "AND delivered_at IS NULL AND EXISTS (SELECT 1 FROM f) RETURNING 1) "
+    "SELECT $2::uuid AS for_supervisor, EXISTS (SELECT 1 FROM f) AS held, "
+    f"{_present(2)}, EXISTS (SELECT 1 FROM d) AS delivered",
+    _delivered,
 )
 
 
-def answer_delivered(question_id: uuid.UUID) -> Bound[bool]:
-    return Bound(ANSWER_DELIVERED, (question_id,))
+def answer_delivered(
+    question_id: uuid.UUID, supervisor_id: uuid.UUID, fence: Fence = NO_FENCE
+) -> Bound[bool]:
+    return Bound(ANSWER_DELIVERED, (question_id, supervisor_id, fence.owner, fence.epoch))
 
 
-async def mark_answer_delivered(db: Db, question_id: uuid.UUID) -> bool:
+async def mark_answer_delivered(
+    db: Db, question_id: uuid.UUID, supervisor_id: uuid.UUID, fence: Fence = NO_FENCE
+) -> bool:
     """The agent has the answer. True the first time only."""
-    return await answer_delivered(question_id).run(db)
+    return await answer_delivered(question_id, supervisor_id, fence).run(db)
 
 
-async def increment_redelivery_count(db: Db, question_ids: Sequence[uuid.UUID]) -> int:
-    """Count one more delivery of each open question. Returns how many were counted."""
+async def increment_redelivery_count(
+    db: Db, question_ids: Sequence[uuid.UUID], fences: Sequence[Fence] | None = None
+) -> int:
+    """Count one more delivery of each open question (each under its supervisor's
+    fence, parallel to ``question_ids``; none: nobody's). Returns how many were
+    counted: a question whose fence does not hold is not."""
+    held = list(fences) if fences is not None else [NO_FENCE] * len(question_ids)
     rows = await db.fetch(
+        "WITH b AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[]) "
+        "AS b(question_id, owner, epoch)), "
+        "f AS (SELECT q.question_id FROM b JOIN questions q ON q.question_id = b.question_id "
+        "JOIN supervisor_states st ON st.supervisor_id = q.supervisor_id "
+        "AND st.owner_daemon_id IS NOT DISTINCT FROM b.owner AND st.lease_epoch = b.epoch "
+        "FOR SHARE OF st) "
         "UPDATE questions SET redelivery_count = redelivery_count + 1 "
-        "WHERE question_id = ANY($1::uuid[]) AND answer IS NULL RETURNING 1",
+        "WHERE question_id IN (SELECT question_id FROM f) AND answer IS NULL RETURNING 1",
         list(question_ids),
+        [f.owner for f in held],
+        [f.epoch for f in held],
     )
     return len(rows)
 
 
-# --------------------------------------------------------------------------- daemons
+# --------------------------------------------------------------------------- daemons and leases
+
+CHANNEL = "makima"  # LISTEN/NOTIFY channel of the daemons sharing a database
 
 
-async def register_daemon(db: Db, daemon_id: uuid.UUID, host: str, pid: int) -> None:
+async def register_daemon(
+    db: Db, daemon_id: uuid.UUID, host: str, pid: int, ttl: float = 0.0
+) -> None:
+    """Register (or re-register) a daemon, holding a lease for ``ttl`` seconds."""
     await db.execute(
-        "INSERT INTO daemons (daemon_id, host, pid) VALUES ($1, $2, $3) "
+        "INSERT INTO daemons (daemon_id, host, pid, started_at, lease_expires_at, lease_ttl_s) "
+        "VALUES ($1, $2, $3, now(), now() + make_interval(secs => $4), $4) "
         "ON CONFLICT (daemon_id) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, "
-        "last_seen_at = now()",
+        "started_at = now(), last_seen_at = now(), lease_expires_at = EXCLUDED.lease_expires_at, "
+        "lease_ttl_s = EXCLUDED.lease_ttl_s, released_at = NULL",
         daemon_id,
         host,
         pid,
+        ttl,
     )
 
 
@@ -1229,3 +1503,239 @@ async def touch_daemon(db: Db, daemon_id: uuid.UUID) -> bool:
         "UPDATE daemons SET last_seen_at = now() WHERE daemon_id = $1 RETURNING 1", daemon_id
     )
     return value is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What one lease renewal learnt: its running supervisors no longer its own
+    (fenced), requests and answers waiting for them, and how many peers are alive."""
+
+    fenced: tuple[uuid.UUID, ...]
+    requests: tuple[uuid.UUID, ...]
+    answered: tuple[uuid.UUID, ...]
+    peers: int
+
+
+async def renew_lease(
+    db: Db,
+    daemon_id: uuid.UUID,
+    host: str,
+    pid: int,
+    ttl: float,
+    running: Mapping[uuid.UUID, Fence],
+) -> Renewal:
+    """Renew the lease (database clock) and, in the same round trip, poll: which of
+    the ``running`` supervisors (with the fence each runs under) were taken over,
+    their open cancel and resume requests, and their answers given on other
+    daemons and not delivered yet (LISTEN/NOTIFY's fallback)."""
+    ids = list(running)
+    row = await db.fetchrow(
+        "WITH d AS (INSERT INTO daemons (daemon_id, host, pid, lease_expires_at, lease_ttl_s) "
+        "VALUES ($1, $2, $3, now() + make_interval(secs => $4), $4) "
+        "ON CONFLICT (daemon_id) DO UPDATE SET last_seen_at = now(), "
+        "lease_expires_at = EXCLUDED.lease_expires_at, lease_ttl_s = EXCLUDED.lease_ttl_s, "
+        "released_at = NULL RETURNING 1), "
+        "mine AS (SELECT * FROM unnest($5::uuid[], $6::uuid[], $7::bigint[]) "
+        "AS m(supervisor_id, owner, epoch)) "
+        "SELECT (SELECT count(*) FROM d) AS renewed, "
+        "ARRAY(SELECT m.supervisor_id FROM mine m LEFT JOIN supervisor_states st "
+        "USING (supervisor_id) WHERE st.owner_daemon_id IS DISTINCT FROM m.owner "
+        "OR st.lease_epoch IS DISTINCT FROM m.epoch) AS fenced, "
+        "ARRAY(SELECT r.request_id FROM supervisor_requests r JOIN mine m USING (supervisor_id) "
+        "WHERE r.handled_at IS NULL ORDER BY r.requested_at) AS requests, "
+        "ARRAY(SELECT q.question_id FROM questions q JOIN mine m USING (supervisor_id) "
+        "WHERE q.answer IS NOT NULL AND q.delivered_at IS NULL "
+        "ORDER BY q.answered_at LIMIT 1000) AS answered, "
+        "(SELECT count(*) FROM daemons WHERE daemon_id <> $1 AND released_at IS NULL "
+        "AND lease_expires_at > now()) AS peers",
+        daemon_id,
+        host,
+        pid,
+        ttl,
+        ids,
+        [running[i].owner for i in ids],
+        [running[i].epoch for i in ids],
+    )
+    assert row is not None
+    return Renewal(
+        tuple(row["fenced"]), tuple(row["requests"]), tuple(row["answered"]), int(row["peers"])
+    )
+
+
+async def release_lease(db: Db, daemon_id: uuid.UUID) -> None:
+    """Let go of the lease now (a handover): peers may claim at once, and are told."""
+    await db.execute(
+        "WITH d AS (UPDATE daemons SET lease_expires_at = now(), released_at = now() "
+        "WHERE daemon_id = $1 RETURNING daemon_id) "
+        "SELECT pg_notify($2, json_build_object('k', 'released', 'd', daemon_id)::text) FROM d",
+        daemon_id,
+        CHANNEL,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A supervisor claimed: the fence it is now run under, and its former owner."""
+
+    supervisor_id: uuid.UUID
+    fence: Fence
+    previous: uuid.UUID | None
+
+
+async def claim_supervisors(
+    db: Db, daemon_id: uuid.UUID, *, own: bool, only: uuid.UUID | None = None
+) -> list[Claim]:
+    """Claim, in one statement, the unfinished supervisors nobody holds a lease on:
+    those without an owner and those whose owner's lease expired or was released
+    (at most a fair share of them: their count over the live daemons'), plus,
+    with ``own``, every unfinished one this daemon owns (at its start, or after it
+    lost its lease: none of them runs here then). Rows being written are skipped
+    (SKIP LOCKED) and taken on a later round; each claimed row's ``lease_epoch``
+    is bumped, which fences out whoever ran it before. ``only``: that supervisor
+    alone, if it may be claimed."""
+    rows = await db.fetch(
+        "WITH live AS (SELECT daemon_id FROM daemons WHERE lease_expires_at > now() "
+        "AND released_at IS NULL), "
+        "orphans AS (SELECT st.supervisor_id FROM supervisor_states st "
+        "WHERE st.state NOT IN ('completed', 'failed') AND ($3::uuid IS NULL "
+        "OR st.supervisor_id = $3) AND (st.owner_daemon_id IS NULL OR "
+        "(st.owner_daemon_id <> $1 AND st.owner_daemon_id NOT IN (SELECT daemon_id FROM live)))), "
+        "share AS (SELECT GREATEST(1, ceil((SELECT count(*) FROM orphans)::numeric "
+        "/ GREATEST(1, (SELECT count(*) FROM live))))::bigint AS n), "
+        "own AS (SELECT st.supervisor_id, st.owner_daemon_id AS previous "
+        "FROM supervisor_states st WHERE $2::boolean AND st.owner_daemon_id = $1 "
+        "AND ($3::uuid IS NULL OR st.supervisor_id = $3) "
+        "AND st.state NOT IN ('completed', 'failed') FOR UPDATE OF st SKIP LOCKED), "
+        # The owner is checked on the row itself, so that a row claimed (and committed)
+        # by a peer since this statement's snapshot fails the re-check after the lock.
+        "other AS (SELECT st.supervisor_id, st.owner_daemon_id AS previous "
+        "FROM supervisor_states st WHERE st.supervisor_id IN (SELECT supervisor_id FROM orphans) "
+        "AND st.state NOT IN ('completed', 'failed') AND (st.owner_daemon_id IS NULL OR "
+        "(st.owner_daemon_id <> $1 AND NOT EXISTS (SELECT 1 FROM daemons d "
+        "WHERE d.daemon_id = st.owner_daemon_id AND d.lease_expires_at > now() "
+        "AND d.released_at IS NULL))) "
+        "ORDER BY st.created_at, st.supervisor_id LIMIT (SELECT n FROM share) "
+        "FOR UPDATE OF st SKIP LOCKED), "
+        "c AS (SELECT * FROM own UNION ALL SELECT * FROM other) "
+        "UPDATE supervisor_states st SET owner_daemon_id = $1, lease_epoch = st.lease_epoch + 1, "
+        "version = st.version + 1, updated_at = now() "
+        "FROM c WHERE st.supervisor_id = c.supervisor_id "
+        "RETURNING st.supervisor_id, st.lease_epoch, c.previous",
+        daemon_id,
+        own,
+        only,
+    )
+    return [
+        Claim(r["supervisor_id"], Fence(daemon_id, int(r["lease_epoch"])), r["previous"])
+        for r in rows
+    ]
+
+
+async def list_daemons(db: Db) -> list[dict[str, Any]]:
+    """The daemons of the cluster: alive ones, and those seen within a day (at most
+    100), with how many unfinished supervisors each owns, oldest first."""
+    rows = await db.fetch(
+        "SELECT d.daemon_id, d.host, d.pid, d.started_at, d.last_seen_at, d.lease_expires_at, "
+        "d.lease_ttl_s, d.released_at, "
+        "(d.lease_expires_at > now() AND d.released_at IS NULL) AS alive, now() AS db_now, "
+        "(SELECT count(*) FROM supervisor_states st WHERE st.owner_daemon_id = d.daemon_id "
+        "AND st.state NOT IN ('completed', 'failed')) AS supervisors "
+        "FROM daemons d WHERE d.lease_expires_at > now() - interval '1 day' "
+        "OR EXISTS (SELECT 1 FROM supervisor_states st WHERE st.owner_daemon_id = d.daemon_id "
+        "AND st.state NOT IN ('completed', 'failed')) "
+        "ORDER BY d.started_at, d.daemon_id LIMIT 100"
+    )
+    return [dict(r) for r in rows]
+
+
+async def notify(db: Db, payloads: Sequence[str]) -> None:
+    """Send notifications on the daemons' channel (delivered at commit)."""
+    await db.execute(
+        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", CHANNEL, list(payloads)
+    )
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A person's cancel or resume for a supervisor another daemon runs."""
+
+    request_id: uuid.UUID
+    supervisor_id: uuid.UUID
+    kind: str
+    requested_by_uid: int | None
+    handled_at: datetime | None
+    outcome: Any
+
+
+_REQUEST = "request_id, supervisor_id, kind, requested_by_uid, handled_at, outcome"
+
+
+def _request(row: asyncpg.Record) -> Request:
+    return Request(
+        row["request_id"],
+        row["supervisor_id"],
+        row["kind"],
+        row["requested_by_uid"],
+        row["handled_at"],
+        row["outcome"],
+    )
+
+
+async def add_request(
+    db: Db,
+    request_id: uuid.UUID,
+    supervisor_id: uuid.UUID,
+    kind: str,
+    uid: int | None,
+    daemon_id: uuid.UUID,
+) -> None:
+    """Record a request and tell the daemons, in one statement."""
+    await db.execute(
+        "WITH r AS (INSERT INTO supervisor_requests (request_id, supervisor_id, kind, "
+        "requested_by_uid, requested_by_daemon) VALUES ($1, $2, $3, $4, $5) RETURNING 1) "
+        "SELECT pg_notify($6, json_build_object('k', 'request', 'r', $1::uuid, "
+        "'s', $2::uuid)::text) FROM r",
+        request_id,
+        supervisor_id,
+        kind,
+        uid,
+        daemon_id,
+        CHANNEL,
+    )
+
+
+async def get_requests(db: Db, request_ids: Sequence[uuid.UUID]) -> list[Request]:
+    rows = await db.fetch(
+        f"SELECT {_REQUEST} FROM supervisor_requests WHERE request_id = ANY($1::uuid[]) "
+        "ORDER BY requested_at",
+        list(request_ids),
+    )
+    return [_request(r) for r in rows]
+
+
+async def finish_request(db: Db, request_id: uuid.UUID, daemon_id: uuid.UUID, outcome: Any) -> bool:
+    """Record what came of a request (once: False when it was handled already)."""
+    value = await db.fetchval(
+        "UPDATE supervisor_requests SET handled_at = now(), handled_by = $2, outcome = $3 "
+        "WHERE request_id = $1 AND handled_at IS NULL RETURNING 1",
+        request_id,
+        daemon_id,
+        outcome,
+    )
+    return value is not None
+
+
+async def owner_of(db: Db, supervisor_id: uuid.UUID) -> tuple[uuid.UUID | None, bool] | None:
+    """The supervisor's owner and whether that owner's lease is live; None: no row."""
+    row = await db.fetchrow(
+        "SELECT st.owner_daemon_id, (d.lease_expires_at > now() AND d.released_at IS NULL) "
+        "AS alive FROM supervisor_states st LEFT JOIN daemons d "
+        "ON d.daemon_id = st.owner_daemon_id WHERE st.supervisor_id = $1",
+        supervisor_id,
+    )
+    if row is None:
+        return None
+    return row["owner_daemon_id"], bool(row["alive"])

@@ -34,11 +34,19 @@ import anyio
 import structlog
 
 from makima.config import TaskRestartPolicy
-from makima.errors import InvalidValueError, MakimaError, NotFoundError, crash_reason
+from makima.errors import (
+    FencedError,
+    InvalidValueError,
+    MakimaError,
+    NotFoundError,
+    crash_reason,
+)
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
 from makima.limits import LINE_BUDGET, TEXT_LIMIT, encoded_size
 from makima.model import (
+    NO_FENCE,
+    Fence,
     MessageRecord,
     PendingQuestion,
     QuestionRecord,
@@ -128,6 +136,15 @@ class Plan:
     context_message: str = ""
     crash: str | None = None  # restoring it raised: it is marked failed with this
     redelivered: bool = False  # its open questions were counted re-delivered at startup
+    fence: Fence = NO_FENCE  # the owner and lease epoch it is restored under
+    lost: bool = False  # another daemon claimed it meanwhile: not launched here
+
+    def stamped(self) -> None:
+        """Its state carries its fence: what this daemon writes is checked against it."""
+        if Fence.of(self.state) != self.fence:
+            self.state = dataclasses.replace(
+                self.state, owner_daemon_id=self.fence.owner, lease_epoch=self.fence.epoch
+            )
 
     @property
     def supervisor_id(self) -> uuid.UUID:
@@ -135,7 +152,7 @@ class Plan:
 
     @property
     def launches(self) -> bool:
-        return self.state.state.is_unfinished
+        return self.state.state.is_unfinished and not self.lost
 
 
 # --------------------------------------------------------------------------- loading (step 2)
@@ -146,19 +163,14 @@ async def load(
 ) -> list[LoadedSupervisor]:
     """Load unfinished supervisors in bulk (all of them, or the ones named)."""
     store = restorer.store
-    rows = await store.load_unfinished_states()
-    states = {sid: value for sid, value in rows}
     if supervisor_ids is None:
+        rows = await store.load_unfinished_states()
+        states = {sid: value for sid, value in rows}
         without_state = await store.load_specs_without_state()
         ids = [*states, *(s.supervisor_id for s in without_state)]
     else:
         ids = list(supervisor_ids)
-        missing = [i for i in ids if i not in states]
-        if missing:
-            for spec_id in missing:
-                state = await store.load_state(spec_id)
-                if state is not None:
-                    states[spec_id] = state
+        states = {sid: value for sid, value in await store.load_states(ids)}
     specs = await store.load_specs(ids)
     tasks = await store.load_tasks(ids)
     questions = await store.load_questions(ids)
@@ -209,10 +221,17 @@ async def load_guarded(
     return loaded, unreadable
 
 
-async def fail_unreadable(restorer: Restorer, supervisor_id: uuid.UUID, reason: str) -> None:
-    """Mark failed a supervisor whose rows cannot be read (its state row is rewritten)."""
+async def fail_unreadable(
+    restorer: Restorer, supervisor_id: uuid.UUID, reason: str, fence: Fence = NO_FENCE
+) -> None:
+    """Mark failed a supervisor whose rows cannot be read (its state row is rewritten,
+    under ``fence``)."""
     state = dataclasses.replace(
-        fresh_state(supervisor_id, None), state=S.FAILED, error_message=reason
+        fresh_state(supervisor_id, None),
+        state=S.FAILED,
+        error_message=reason,
+        owner_daemon_id=fence.owner,
+        lease_epoch=fence.epoch,
     )
     try:
         await restorer.store.restore_state(StateRestored(state))
@@ -230,9 +249,11 @@ async def plan(
     loaded: LoadedSupervisor,
     source: RestorationSource,
     prefetched: Prefetched | None = None,
+    fence: Fence = NO_FENCE,
 ) -> Plan:
-    """Steps 3 to 8 for one supervisor. ``prefetched``: what a startup read for
-    every supervisor at once (their history; their orphaned tasks already stopped)."""
+    """Steps 3 to 8 for one supervisor, under ``fence`` (the claim it is restored
+    under). ``prefetched``: what a startup read for every supervisor at once (their
+    history; their orphaned tasks already stopped)."""
     store = restorer.store
     sid = loaded.spec.supervisor_id
     restorer.faults.reached(SavePoint.RESTORE, Moment.BEFORE_COMMIT, loaded.spec.name)
@@ -252,7 +273,7 @@ async def plan(
         state = loaded.state
     elif action is StateRecoveryAction.REPAIR:
         assert loaded.state is not None
-        state = await _repaired(restorer, loaded.state, loaded.tasks, questions)
+        state = await _repaired(restorer, loaded.state, loaded.tasks, questions, fence)
     elif action is StateRecoveryAction.REVERT_TO_CHECKPOINT:
         checkpoint = None
         try:
@@ -264,7 +285,7 @@ async def plan(
             validation = StateValidationResult(False, validation.issues, action)
             state = fresh_state(sid, None, questions)
         else:
-            state = await _repaired(restorer, checkpoint.snapshot, loaded.tasks, questions)
+            state = await _repaired(restorer, checkpoint.snapshot, loaded.tasks, questions, fence)
     elif action is StateRecoveryAction.START_FRESH:
         state = fresh_state(sid, loaded.state, questions)
     else:  # MARK_FAILED
@@ -274,7 +295,16 @@ async def plan(
             state=S.FAILED,
             error_message="could not be restored: " + "; ".join(validation.issues),
         )
-    result = Plan(loaded, source, validation, state, list(loaded.tasks), outcome=_OUTCOME[action])
+    result = Plan(
+        loaded,
+        source,
+        validation,
+        state,
+        list(loaded.tasks),
+        outcome=_OUTCOME[action],
+        fence=fence,
+    )
+    result.stamped()
     if not result.launches:
         return result
     # Step 8: tasks that were running when the agent or daemon stopped. After a crash
@@ -284,7 +314,7 @@ async def plan(
     rerun = restorer.task_restart_policy is TaskRestartPolicy.RERUN
     if rerun and loaded.state is not None:
         since = loaded.state.last_restored_at
-        requeued = await store.requeue_tasks(TasksRequeued(sid, since))
+        requeued = await store.requeue_tasks(TasksRequeued(sid, since, fence))
         by_id = {t.task_id: t for t in requeued}
         result.tasks = [by_id.get(t.task_id, t) for t in result.tasks]
     unfinished = [t for t in result.tasks if not t.status.is_finished]
@@ -297,7 +327,7 @@ async def plan(
         if rerun:
             result.rerun = unfinished
         else:
-            interrupted = await store.end_tasks(TasksEnded(sid, TaskStatus.INTERRUPTED))
+            interrupted = await store.end_tasks(TasksEnded(sid, TaskStatus.INTERRUPTED, fence))
             by_id = {t.task_id: t for t in interrupted}
             result.tasks = [by_id.get(t.task_id, t) for t in result.tasks]
     # Step 10's "resume from the last state", settled against the pending work.
@@ -326,11 +356,12 @@ async def _repaired(
     state: SupervisorState,
     tasks: Sequence[TaskRecord],
     questions: list[QuestionRecord],
+    fence: Fence,
 ) -> SupervisorState:
     missing = questions_to_record(state, questions)
     if missing:
         await restorer.store.repair_question_rows(
-            QuestionRowsRepaired(state.supervisor_id, tuple(missing))
+            QuestionRowsRepaired(state.supervisor_id, tuple(missing), fence)
         )
         questions.extend(
             QuestionRecord(q.id, state.supervisor_id, q.question, q.choices, q.context, q.asked_at)
@@ -339,15 +370,29 @@ async def _repaired(
     return repair_state(state, tasks, questions)
 
 
-def crashed_plan(loaded: LoadedSupervisor, source: RestorationSource, exc: BaseException) -> Plan:
+def crashed_plan(
+    loaded: LoadedSupervisor,
+    source: RestorationSource,
+    exc: BaseException,
+    fence: Fence = NO_FENCE,
+) -> Plan:
     """The plan for a supervisor whose restoration raised: it is marked failed."""
     reason = crash_reason(exc, "restoring it")
     base = loaded.state or fresh_state(loaded.spec.supervisor_id, None)
     state = dataclasses.replace(base, state=S.FAILED, error_message=reason)
     validation = StateValidationResult(False, (reason,), StateRecoveryAction.MARK_FAILED)
-    return Plan(
-        loaded, source, validation, state, list(loaded.tasks), outcome=Outcome.FAILED, crash=reason
+    p = Plan(
+        loaded,
+        source,
+        validation,
+        state,
+        list(loaded.tasks),
+        outcome=Outcome.FAILED,
+        crash=reason,
+        fence=fence,
     )
+    p.stamped()
+    return p
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,10 +418,14 @@ async def plan_guarded(
     loaded: LoadedSupervisor,
     source: RestorationSource,
     prefetched: Prefetched | None = None,
+    fence: Fence = NO_FENCE,
 ) -> Plan:
-    """:func:`plan`, with the crash boundary: an unexpected error fails this one only."""
+    """:func:`plan`, with the crash boundary: an unexpected error fails this one only
+    (a FencedError goes on: the supervisor is another daemon's now)."""
     try:
-        return await plan(restorer, loaded, source, prefetched)
+        return await plan(restorer, loaded, source, prefetched, fence)
+    except FencedError:
+        raise
     except Exception as exc:
         log.exception(
             "supervisor.crashed",
@@ -384,7 +433,7 @@ async def plan_guarded(
             during="restoration",
             error=f"{type(exc).__name__}: {exc}",
         )
-        return crashed_plan(loaded, source, exc)
+        return crashed_plan(loaded, source, exc, fence)
 
 
 async def write(restorer: Restorer, plans: list[Plan]) -> None:
@@ -403,6 +452,9 @@ async def write(restorer: Restorer, plans: list[Plan]) -> None:
             continue
         try:
             version = await store.restore_state(StateRestored(p.state))
+        except FencedError:
+            _lost(p)
+            continue
         except Exception as exc:
             if p.crash is None:
                 log.exception(
@@ -411,9 +463,12 @@ async def write(restorer: Restorer, plans: list[Plan]) -> None:
                     during="saving its restored state",
                     error=f"{type(exc).__name__}: {exc}",
                 )
-                p = plans[index] = crashed_plan(p.loaded, p.source, exc)
+                p = plans[index] = crashed_plan(p.loaded, p.source, exc, p.fence)
                 try:
                     version = await store.restore_state(StateRestored(p.state))
+                except FencedError:
+                    _lost(p)
+                    continue
                 except Exception as second:  # noqa: BLE001 - the crash boundary
                     exc = second
                 else:
@@ -431,11 +486,16 @@ async def write(restorer: Restorer, plans: list[Plan]) -> None:
     for source in {p.source for p in launched}:
         ids = [p.supervisor_id for p in launched if p.source is source]
         saved = {p.supervisor_id: p.state.version for p in launched if p.source is source}
+        fences = {p.supervisor_id: p.fence for p in launched if p.source is source}
         # Counted once even when retried after a commit whose reply was lost: a retry
         # leaves the rows whose version moved past the one just saved.
-        counts = await store.count_restorations(RestorationsCounted(tuple(ids), source, saved))
+        counts = await store.count_restorations(
+            RestorationsCounted(tuple(ids), source, saved, fences)
+        )
         for p in launched:
-            if p.supervisor_id in counts:
+            if p.source is source and p.supervisor_id not in counts:
+                _lost(p)  # claimed by another daemon since its state was written
+            elif p.supervisor_id in counts:
                 p.restoration_count, version = counts[p.supervisor_id]
                 p.state = dataclasses.replace(
                     p.state,
@@ -444,6 +504,8 @@ async def write(restorer: Restorer, plans: list[Plan]) -> None:
                     version=version,
                 )
     for p in launched:
+        if p.lost:
+            continue
         p.context_message = generate_restoration_context_message(
             p.loaded.spec,
             p.state,
@@ -453,6 +515,16 @@ async def write(restorer: Restorer, plans: list[Plan]) -> None:
             p.validation,
             p.restoration_count,
         )
+
+
+def _lost(p: Plan) -> None:
+    p.lost = True
+    log.warning(
+        "restoration.taken_over",
+        supervisor_id=str(p.supervisor_id),
+        lease_epoch=p.fence.epoch,
+        note="another daemon claimed it while it was being restored; it is not launched here",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,15 +678,18 @@ def after_start(
     pending: list[PendingQuestion] = [] if p.redelivered else list(p.state.pending_questions)
     inline = [q.question_id for q in payload.answers_inline]
     rerun = list(p.rerun)
+    fence = p.fence
 
     async def run() -> None:
         store = restorer.store
         if inline:
-            await store.deliver_answers(AnswersDelivered(tuple(inline)))
+            await store.deliver_answers(AnswersDelivered(tuple(inline), supervisor.id, fence))
         for record in payload.answers_after:
             await supervisor.deliver_answer(record)
         if pending:
-            await store.count_redeliveries(QuestionsRedelivered(tuple(q.id for q in pending)))
+            await store.count_redeliveries(
+                QuestionsRedelivered(tuple(q.id for q in pending), (fence,) * len(pending))
+            )
             for question in pending:
                 restorer.bus.publish(
                     EventKind.QUESTION_REDELIVERED,
@@ -639,19 +714,54 @@ def after_start(
 # --------------------------------------------------------------------------- entry points
 
 
-async def restore_all(restorer: Restorer) -> tuple[dict[str, Any], list[Plan]]:
-    """Startup: restore every unfinished supervisor. Returns the startup report and
-    the plans whose agents are to be launched. A supervisor whose restoration raises
-    is reported failed; it never stops the others."""
-    loaded, unreadable = await load_guarded(restorer)
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A supervisor this daemon may restore: what brought it here, and the fence
+    (owner and lease epoch) it claimed it under."""
+
+    source: RestorationSource
+    fence: Fence
+
+
+async def restore_all(
+    restorer: Restorer,
+    claims: Mapping[uuid.UUID, Claimed],
+    *,
+    stateless_owner: uuid.UUID | None = None,
+) -> tuple[dict[str, Any], list[Plan]]:
+    """Restore the supervisors this daemon claimed (at its start, or taken over from
+    a daemon whose lease expired), and, with ``stateless_owner`` (a start), the specs
+    that have no state row at all (they start fresh, owned by it). Returns the
+    report and the plans whose agents are to be launched. A supervisor whose
+    restoration raises is reported failed; it never stops the others; one claimed
+    by another daemon meanwhile is left to it."""
+    claimed = dict(claims)
+    if stateless_owner is not None:
+        for spec in await restorer.store.load_specs_without_state():
+            claimed.setdefault(
+                spec.supervisor_id,
+                Claimed(RestorationSource.DAEMON_RESTART, Fence(stateless_owner, 1)),
+            )
+    loaded: list[LoadedSupervisor] = []
+    unreadable: list[tuple[uuid.UUID, str]] = []
+    if claimed:
+        loaded, unreadable = await load_guarded(restorer, list(claimed))
     for sid, reason in unreadable:
-        await fail_unreadable(restorer, sid, reason)
+        await fail_unreadable(restorer, sid, reason, claimed[sid].fence)
     prefetched = await prefetch(restorer, loaded)
-    plans = [
-        await plan_guarded(restorer, item, RestorationSource.DAEMON_RESTART, prefetched)
-        for item in loaded
-    ]
+    plans: list[Plan] = []
+    for item in loaded:
+        claim = claimed[item.spec.supervisor_id]
+        try:
+            plans.append(await plan_guarded(restorer, item, claim.source, prefetched, claim.fence))
+        except FencedError:
+            log.warning(
+                "restoration.taken_over",
+                supervisor_id=str(item.spec.supervisor_id),
+                lease_epoch=claim.fence.epoch,
+            )
     await write(restorer, plans)
+    plans = [p for p in plans if not p.lost]
     await redeliver(restorer, [p for p in plans if p.launches])
     report: dict[str, Any] = {o.value: [] for o in Outcome}
     for p in plans:
@@ -687,7 +797,9 @@ async def redeliver(restorer: Restorer, plans: Sequence[Plan]) -> None:
     questions = [(p, q) for p in plans for q in p.state.pending_questions]
     if questions:
         await restorer.store.count_redeliveries(
-            QuestionsRedelivered(tuple(q.id for _, q in questions))
+            QuestionsRedelivered(
+                tuple(q.id for _, q in questions), tuple(p.fence for p, _ in questions)
+            )
         )
     for p, question in questions:
         restorer.bus.publish(
@@ -700,16 +812,19 @@ async def redeliver(restorer: Restorer, plans: Sequence[Plan]) -> None:
 
 
 async def restore_one(
-    restorer: Restorer, supervisor_id: uuid.UUID, source: RestorationSource
+    restorer: Restorer, supervisor_id: uuid.UUID, source: RestorationSource, fence: Fence
 ) -> Plan:
-    """Run steps 2 to 8 and write step 10 for one supervisor (resume, agent restart).
-    A plan that raises is written as failed, and does not launch."""
+    """Run steps 2 to 8 and write step 10 for one supervisor (resume, agent restart),
+    under ``fence`` (the one it runs under here). A plan that raises is written as
+    failed, and does not launch; FencedError when another daemon owns it now."""
     loaded, unreadable = await load_guarded(restorer, [supervisor_id])
     for sid, reason in unreadable:
-        await fail_unreadable(restorer, sid, reason)
+        await fail_unreadable(restorer, sid, reason, fence)
         raise NotFoundError(f"supervisor {sid} cannot be restored: {reason}")
     if not loaded:
         raise NotFoundError(f"supervisor {supervisor_id} has nothing to restore")
-    p = await plan_guarded(restorer, loaded[0], source)
+    p = await plan_guarded(restorer, loaded[0], source, fence=fence)
     await write(restorer, [p])
+    if p.lost:
+        raise FencedError(supervisor_id, "its restoration")
     return p

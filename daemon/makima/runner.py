@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
-from makima.errors import ConflictError, MakimaError, crash_reason
+from makima.errors import ConflictError, FencedError, MakimaError, crash_reason, leaf_exceptions
 from makima.faults import Moment, SavePoint
 from makima.model import RestorationInfo, RestorationSource
 from makima.restoration import Restorer, after_start, info, restore_one, start_payload
@@ -65,6 +65,17 @@ def next_restart(
             f"{policy.window:.0f}s (last: {last_exit}); not restarting it again",
         )
     return RestartDecision(kept, min(policy.backoff * 2 ** (len(kept) - 1), policy.max_delay))
+
+
+def _fenced_in(exc: BaseException) -> FencedError | None:
+    """The FencedError ``exc`` is or holds, if any."""
+    if isinstance(exc, FencedError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for leaf in leaf_exceptions(exc):
+            if isinstance(leaf, FencedError):
+                return leaf
+    return None
 
 
 class _Waiter:
@@ -133,7 +144,11 @@ class Runner:
                 SavePoint.LAUNCH, Moment.BEFORE_COMMIT, supervisor.spec.name
             )
             ended = await supervisor.run(*self._take_start())
-            if ended.finished or ended.stopped in (StopReason.SHUTDOWN, StopReason.CANCEL):
+            if ended.finished or ended.stopped in (
+                StopReason.SHUTDOWN,
+                StopReason.CANCEL,
+                StopReason.FENCED,
+            ):
                 return
             if ended.stopped is StopReason.RESTART:
                 source = RestorationSource.MANUAL
@@ -164,7 +179,7 @@ class Runner:
             self._restoring = True
             try:
                 async with supervisor.exclusive():
-                    plan = await restore_one(self.restorer, self.id, source)
+                    plan = await restore_one(self.restorer, self.id, source, supervisor.fence)
                     payload = start_payload(plan)
                     supervisor.reset(plan.state, payload.given)
             finally:
@@ -205,7 +220,13 @@ class Runner:
     # ----------------------------------------------------------------- the boundary
 
     async def crash(self, exc: BaseException, during: str) -> None:
-        """Fail this supervisor for an unexpected exception; never raises."""
+        """Fail this supervisor for an unexpected exception; never raises. A supervisor
+        taken over by another daemon (FencedError) is stopped here instead, with
+        nothing written: it is not this daemon's to fail any more."""
+        fenced = _fenced_in(exc)
+        if fenced is not None or self.supervisor.is_fenced:
+            self.supervisor.fence_broken(str(fenced) if fenced else f"fenced while {during}")
+            return
         reason = crash_reason(exc, during)
         log.error(
             "supervisor.crashed",
@@ -229,6 +250,9 @@ class Runner:
         an unexpected error fails this supervisor and is reported as a MakimaError."""
         try:
             return await operation()
+        except FencedError as exc:
+            self.supervisor.fence_broken(str(exc))
+            raise
         except MakimaError:
             raise
         except Exception as exc:
@@ -244,6 +268,8 @@ class Runner:
         async def run() -> None:
             try:
                 await operation()
+            except FencedError as exc:  # taken over: its new owner delivers
+                self.supervisor.fence_broken(str(exc))
             except MakimaError as exc:  # refused, say: the next restoration tries again
                 log.warning(
                     "supervisor.effect_failed",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -42,11 +43,18 @@ from makima.agent import (
     answer_message,
     cancel_message,
     error_reply,
+    ping_message,
     start_message,
     task_finished_message,
     tasks_done_message,
 )
-from makima.errors import IllegalTransitionError, InvalidValueError, MakimaError, TooLargeError
+from makima.errors import (
+    FencedError,
+    IllegalTransitionError,
+    InvalidValueError,
+    MakimaError,
+    TooLargeError,
+)
 from makima.eventloop import IdleLock
 from makima.events import EventBus, EventKind
 from makima.faults import FaultHook, Moment, SavePoint
@@ -63,6 +71,7 @@ from makima.limits import (
     too_large,
 )
 from makima.model import (
+    Fence,
     Heartbeat,
     PendingQuestion,
     QuestionRecord,
@@ -104,6 +113,7 @@ class StopReason(enum.StrEnum):
     CANCEL = "cancel"  # a person cancelled it: state failed
     RESTART = "restart"  # a manual resume: the agent is started again at once
     CRASH = "crash"  # its crash boundary caught an unexpected error: state failed
+    FENCED = "fenced"  # another daemon owns it now: stopped at once, nothing written
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -159,6 +169,7 @@ class Supervisor:
         grace: float = 5.0,
         write_timeout: float = 30.0,
         finish_linger: float = 0.25,
+        lease_valid: Callable[[], bool] = lambda: True,
     ) -> None:
         self.spec = spec
         self.state = state
@@ -168,6 +179,7 @@ class Supervisor:
         self.grace = grace
         self.write_timeout = write_timeout
         self.finish_linger = finish_linger
+        self.lease_valid = lease_valid  # the daemon's: False past its lease's local deadline
         self.agent: AgentProcess | None = None
         self._lock = IdleLock()  # an idle supervisor holds no lock object
         self._running_tasks: dict[uuid.UUID, anyio.CancelScope] = {}
@@ -189,6 +201,8 @@ class Supervisor:
         self._handling = False
         self._stopped: anyio.Event | None = None  # made when someone waits
         self._has_stopped = False
+        self._fenced = False  # taken over: this copy writes and acknowledges nothing more
+        self._beat_at = state.last_heartbeat  # the last heartbeat written, for supervisor.updated
 
     @property
     def stopped(self) -> anyio.Event:
@@ -210,6 +224,82 @@ class Supervisor:
         return self.spec.supervisor_id
 
     @property
+    def fence(self) -> Fence:
+        """The owner and lease epoch this copy runs under: every write carries it."""
+        return Fence.of(self.state)
+
+    @property
+    def is_fenced(self) -> bool:
+        return self._fenced
+
+    async def ping(self, valid_for: float) -> None:
+        """Tell the started agent how long its daemon's lease certainly lasts (an SDK
+        agent stops itself when that passes without another ping)."""
+        agent = self.agent
+        if agent is None or not self._started or not self._may_speak():
+            return
+        with anyio.move_on_after(1.0):
+            await agent.send(ping_message(valid_for))
+
+    async def absorb_answer(self, record: QuestionRecord) -> bool:
+        """An answer another daemon recorded for one of this supervisor's open
+        questions: taken out of them (the state moves on when it was the last), then
+        delivered. False when it was not open here (answered here, or restored)."""
+        async with self._lock:
+            old = self.state
+            if not any(q.id == record.question_id for q in old.pending_questions):
+                return False
+            remaining = tuple(q for q in old.pending_questions if q.id != record.question_id)
+            self.state = dataclasses.replace(old, pending_questions=remaining)
+            if (
+                not remaining
+                and is_allowed(old.state, Event.ANSWERED)
+                and transition(old.state, Event.ANSWERED) is not old.state
+            ):
+                await self._change(Event.ANSWERED)
+        log.info(
+            "question.answer_taken",
+            supervisor_id=str(self.id),
+            question_id=str(record.question_id),
+            note="answered on another daemon",
+        )
+        await self.deliver_answer(record)
+        return True
+
+    def _may_speak(self) -> bool:
+        """Whether this copy may still tell its agent anything: not once fenced, and not
+        past its daemon's lease (then another daemon may own it already)."""
+        if self._fenced:
+            return False
+        if not self.lease_valid():
+            self.fence_broken("the daemon's lease is no longer certainly valid")
+            return False
+        return True
+
+    def fence_broken(self, why: str) -> bool:
+        """A write found the supervisor taken over (or a lease lost): stop this copy at
+        once, writing nothing more and acknowledging nothing more. Its agent's process
+        group and its tasks are killed now; the run then ends (StopReason.FENCED).
+        False when it was fenced already."""
+        if self._fenced:
+            return False
+        self._fenced = True
+        self._stop_reason = StopReason.FENCED
+        log.warning(
+            "supervisor.fenced",
+            supervisor_id=str(self.id),
+            name=self.spec.name,
+            lease_epoch=self.state.lease_epoch,
+            why=why,
+        )
+        for scope in self._running_tasks.values():
+            scope.cancel()
+        agent = self.agent
+        if agent is not None:
+            agent.signal_group(signal.SIGKILL)
+        return True
+
+    @property
     def running_task_ids(self) -> tuple[uuid.UUID, ...]:
         return tuple(self._running_tasks)
 
@@ -218,6 +308,8 @@ class Supervisor:
     async def _save(self, point: SavePoint, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one store call as the save point ``point``: the fault hook's moments
         around it, and the count for heartbeats."""
+        if self._fenced:
+            raise FencedError(self.id)
         counted = point not in _OTHER_TABLES  # for after_heartbeat
         if counted:
             self._saves += 1
@@ -267,12 +359,29 @@ class Supervisor:
                 error_message=self.state.error_message,
             )
 
+    def _announce_update(self) -> None:
+        """Announce phase, progress, activity and heartbeat once they are saved."""
+        state = self.state
+        self.bus.publish(
+            EventKind.SUPERVISOR_UPDATED,
+            supervisor_id=str(self.id),
+            phase=state.phase,
+            progress=state.progress,
+            current_activity=state.current_activity,
+            last_heartbeat=None if self._beat_at is None else self._beat_at.isoformat(),
+        )
+
     def heartbeat(self) -> tuple[Heartbeat, int | None]:
         """This supervisor's beat, and a mark for :meth:`after_heartbeat` (None while a
         save point is in flight)."""
         state = self.state
         beat = Heartbeat(
-            self.id, state.state, state.current_activity, state.progress, state.version
+            self.id,
+            state.state,
+            state.current_activity,
+            state.progress,
+            state.version,
+            Fence.of(state),
         )
         return beat, (self._saves if self._saving == 0 else None)
 
@@ -284,6 +393,9 @@ class Supervisor:
         and adopting it lets the next beat write (a save point that does not
         report its version is caught up with this way).
         """
+        if outcome is not None:  # the beat was written: announce it (supervisor.updated)
+            self._beat_at = datetime.now(UTC)
+            self._announce_update()
         if outcome is None or mark is None or mark != self._saves:
             return
         version, written = outcome
@@ -444,6 +556,8 @@ class Supervisor:
                 await agent.stop(self.grace, farewell=cancel_message(reason))
 
     async def _save_crash(self, reason: str) -> None:
+        if self._fenced:  # another daemon owns it now: nothing of this copy is written
+            return
         async with self._lock:
             old = self.state
             if old.state.is_unfinished:
@@ -457,7 +571,7 @@ class Supervisor:
                 self._announce_state(old.state)
             for scope in self._running_tasks.values():
                 scope.cancel()
-            await self.store.end_tasks(TasksEnded(self.id, TaskStatus.CANCELLED))
+            await self.store.end_tasks(TasksEnded(self.id, TaskStatus.CANCELLED, self.fence))
 
     async def _send_held_answers(self) -> None:
         held = list(self._held_answers.values())
@@ -467,11 +581,13 @@ class Supervisor:
 
     async def give_up(self, reason: str) -> None:
         """Past the restart limit: the supervisor fails with ``reason``."""
+        if self._fenced:
+            return
         async with self._lock:
             if self.state.state.is_unfinished:
                 await self._change(Event.RESTORE_FAILED, error_message=reason)
             # Tasks put back to pending for a re-run that will not come.
-            await self.store.end_tasks(TasksEnded(self.id, TaskStatus.CANCELLED))
+            await self.store.end_tasks(TasksEnded(self.id, TaskStatus.CANCELLED, self.fence))
 
     async def rerun_task(self, task: TaskRecord) -> None:
         """Start again a task that was running when the agent or daemon stopped."""
@@ -485,7 +601,7 @@ class Supervisor:
 
     async def _reply(self, message: Mapping[str, Any]) -> None:
         agent = self.agent
-        if agent is None:
+        if agent is None or not self._may_speak():
             return
         try:
             await agent.send(message)
@@ -517,6 +633,9 @@ class Supervisor:
             log.warning("agent.invalid", supervisor_id=str(self.id), error=str(exc))
             await self._reply(error_reply(item.ref, ErrorCode.INVALID, str(exc)))
             return
+        except FencedError as exc:  # taken over: acknowledge nothing more
+            self.fence_broken(str(exc))
+            return
         except MakimaError as exc:
             log.exception("agent.failed_to_apply", supervisor_id=str(self.id))
             await self._reply(error_reply(item.ref, ErrorCode.INTERNAL, str(exc)))
@@ -542,7 +661,9 @@ class Supervisor:
                 _fits("a message", {"role": role, "content": content}, MESSAGE_LIMIT)
                 seq = await self._save(
                     SavePoint.MESSAGE,
-                    lambda: self.store.add_message(MessageAdded(self.id, role, content)),
+                    lambda: self.store.add_message(
+                        MessageAdded(self.id, role, content, self.fence)
+                    ),
                 )
                 return {"seq": seq}, None
             case Checkpoint(data=data):
@@ -584,6 +705,7 @@ class Supervisor:
         target = transition(self.state.state, Event.ACTIVITY)
         if durable or target is not self.state.state:
             await self._change(Event.ACTIVITY, **fields)
+            self._announce_update()
         else:
             # Same state: the batched heartbeat writes activity and progress.
             self.state = dataclasses.replace(self.state, **fields)
@@ -597,6 +719,7 @@ class Supervisor:
         )
         self.state = dataclasses.replace(new, version=version)
         self._announce_state(old.state)
+        self._announce_update()
         return {}
 
     async def _on_checkpoint(self, data: Any) -> dict[str, Any]:
@@ -643,7 +766,8 @@ class Supervisor:
         )
         target = transition(old.state, Event.ASK)
         version = await self._save(
-            SavePoint.ASK, lambda: self.store.ask_question(QuestionAsked(self.id, question, target))
+            SavePoint.ASK,
+            lambda: self.store.ask_question(QuestionAsked(self.id, question, target, self.fence)),
         )
         self.state = dataclasses.replace(
             self.state,
@@ -676,7 +800,7 @@ class Supervisor:
         created, version = await self._save(
             SavePoint.SPAWN,
             lambda: self.store.spawn_task(
-                TaskSpawned(task, None if target is old.state else target)
+                TaskSpawned(task, None if target is old.state else target, self.fence)
             ),
         )
         self.state = dataclasses.replace(
@@ -743,7 +867,7 @@ class Supervisor:
     async def _run_task(self, task: TaskRecord, scope: anyio.CancelScope) -> None:
         outcome: TaskOutcome | None = None
         try:
-            await self.store.start_task(TaskStarted(task.task_id))
+            await self.store.start_task(TaskStarted(task.task_id, self.id, self.fence))
             with scope:
                 outcome = await run_task(
                     task.command, cwd=task.cwd, env=task.env, task_id=str(task.task_id)
@@ -761,10 +885,20 @@ class Supervisor:
                 await self._task_finished(task, outcome)
 
     async def _task_finished(self, task: TaskRecord, outcome: TaskOutcome) -> None:
+        if self._fenced:  # its new owner reports or re-runs it
+            self._running_tasks.pop(task.task_id, None)
+            return
         finished = await self._save(
             SavePoint.TASK_FINISHED,
             lambda: self.store.finish_task(
-                TaskFinished(task.task_id, outcome.status, outcome.exit_code, outcome.output_tail)
+                TaskFinished(
+                    task.task_id,
+                    outcome.status,
+                    outcome.exit_code,
+                    outcome.output_tail,
+                    self.id,
+                    self.fence,
+                )
             ),
         )
         log.info(
@@ -820,7 +954,7 @@ class Supervisor:
             record = await self._save(
                 SavePoint.ANSWER,
                 lambda: self.store.answer_question(
-                    QuestionAnswered(question_id, answer, uid, target)
+                    QuestionAnswered(question_id, answer, uid, target, self.fence)
                 ),
             )
             self.state = dataclasses.replace(
@@ -848,9 +982,13 @@ class Supervisor:
         if self.agent is None or not self._started:
             self._held_answers[qid] = record
             return False
+        if not self._may_speak():
+            return False
         self._given.add(qid)  # before the send: a second delivery racing this one stops here
         if not await self.agent.send(answer_message(str(qid), record.answer)):
             self._given.discard(qid)
             return False
-        await self.store.deliver_answers(AnswersDelivered((record.question_id,)))
+        await self.store.deliver_answers(
+            AnswersDelivered((record.question_id,), self.id, self.fence)
+        )
         return True

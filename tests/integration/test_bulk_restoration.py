@@ -18,10 +18,16 @@ from makima.config import DaemonConfig, TaskRestartPolicy
 from makima.database import Database, DatabaseConfig
 from makima.embedded import ConnectParams
 from makima.events import EventBus
-from makima.model import PendingQuestion, SupervisorSpec
+from makima.model import PendingQuestion, RestorationSource, SupervisorSpec
 from makima.model import SupervisorStateEnum as S
-from makima.restoration import Restorer, restore_all
-from makima.store import MessageAdded, QuestionAsked, Store, SupervisorCreated
+from makima.restoration import Claimed, Restorer, restore_all
+from makima.store import (
+    MessageAdded,
+    QuestionAsked,
+    Store,
+    SupervisorCreated,
+    SupervisorsClaimed,
+)
 from tests.harness import DEADLINE, client_for, daemon_config, running_daemon
 from tests.integration.test_store_committer import Wire, counting_proxy
 
@@ -73,11 +79,19 @@ async def test_statements_do_not_grow_with_supervisors(
     async with wired_store(db_params, short_tmp) as (store, wire):
         bus = EventBus()
         restorer = Restorer(store, bus, TaskRestartPolicy.INTERRUPT)
+        owner = uuid.uuid4()
         counted = []
         for n in (2, 4, 12):  # 2 supervisors (to prepare the statements), then 6, then 18
             await seed(store, n)
+            claims = await store.claim(SupervisorsClaimed(owner, own=True))
             before = wire.mark()
-            report, plans = await restore_all(restorer)
+            report, plans = await restore_all(
+                restorer,
+                {
+                    c.supervisor_id: Claimed(RestorationSource.DAEMON_RESTART, c.fence)
+                    for c in claims
+                },
+            )
             counted.append(wire.round_trips - before)
             assert report["counts"]["restored"] == len(plans)
             assert all(p.state.state is S.WAITING_FOR_USER for p in plans)

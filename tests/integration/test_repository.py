@@ -110,20 +110,20 @@ async def test_spawned_tasks_and_validation(pool: asyncpg.Pool) -> None:
 async def test_task_lifecycle(pool: asyncpg.Pool) -> None:
     sid = await new_supervisor(pool)
     task = await repo.create_task(pool, TaskRecord(uuid.uuid4(), sid, "test", ("pytest",)))
-    running = await repo.mark_task_running(pool, task.task_id)
+    running = await repo.mark_task_running(pool, task.task_id, sid)
     assert running is not None and running.status is TaskStatus.RUNNING and running.attempts == 1
-    done = await repo.finish_task(pool, task.task_id, TaskStatus.SUCCEEDED, 0, "ok\n")
+    done = await repo.finish_task(pool, task.task_id, TaskStatus.SUCCEEDED, 0, "ok\n", sid)
     assert done is not None and done.exit_code == 0 and done.finished_at is not None
-    assert await repo.finish_task(pool, task.task_id, TaskStatus.FAILED, 1, "") is None
+    assert await repo.finish_task(pool, task.task_id, TaskStatus.FAILED, 1, "", sid) is None
     other = await repo.create_task(pool, TaskRecord(uuid.uuid4(), sid, "slow", ("sleep", "9")))
-    await repo.mark_task_running(pool, other.task_id)
+    await repo.mark_task_running(pool, other.task_id, sid)
     interrupted = await repo.interrupt_unfinished_tasks(pool, sid)
     assert [t.task_id for t in interrupted] == [other.task_id]
     tasks = await repo.get_tasks_for_supervisor(pool, sid)
     assert {t.status for t in tasks} == {TaskStatus.SUCCEEDED, TaskStatus.INTERRUPTED}
     assert (await repo.get_task(pool, other.task_id)) == tasks[1]
     with pytest.raises(ValueError, match="final status"):
-        await repo.finish_task(pool, task.task_id, TaskStatus.RUNNING, None, None)
+        await repo.finish_task(pool, task.task_id, TaskStatus.RUNNING, None, None, sid)
 
 
 async def test_requeue_interrupted_tasks_only_since_the_last_restoration(
@@ -135,9 +135,9 @@ async def test_requeue_interrupted_tasks_only_since_the_last_restoration(
         for name in ("old", "new", "done")
     ]
     for task in (old, new, done):
-        await repo.mark_task_running(pool, task.task_id)
-    await repo.finish_task(pool, done.task_id, TaskStatus.SUCCEEDED, 0, "")
-    await repo.finish_task(pool, old.task_id, TaskStatus.INTERRUPTED, None, "")
+        await repo.mark_task_running(pool, task.task_id, sid)
+    await repo.finish_task(pool, done.task_id, TaskStatus.SUCCEEDED, 0, "", sid)
+    await repo.finish_task(pool, old.task_id, TaskStatus.INTERRUPTED, None, "", sid)
     since = await pool.fetchval("SELECT finished_at FROM tasks WHERE task_id = $1", old.task_id)
     await pool.execute(  # interrupted a moment later (by the next stop)
         "UPDATE tasks SET status = 'interrupted', "
@@ -153,7 +153,7 @@ async def test_requeue_interrupted_tasks_only_since_the_last_restoration(
     assert still is not None and still.status is TaskStatus.INTERRUPTED
     again = await repo.requeue_interrupted_tasks(pool, sid, None)  # never restored: all
     assert [t.task_id for t in again] == [old.task_id]
-    rerun = await repo.mark_task_running(pool, new.task_id)
+    rerun = await repo.mark_task_running(pool, new.task_id, sid)
     assert rerun is not None and rerun.attempts == 2
 
 
@@ -365,8 +365,8 @@ async def test_question_asked_answered_exactly_once(pool: asyncpg.Pool) -> None:
     assert await repo.list_open_questions(pool) == []
     undelivered = await repo.get_undelivered_answers(pool, sid)
     assert [u.question_id for u in undelivered] == [q.id]
-    assert await repo.mark_answer_delivered(pool, q.id)
-    assert not await repo.mark_answer_delivered(pool, q.id)
+    assert await repo.mark_answer_delivered(pool, q.id, sid)
+    assert not await repo.mark_answer_delivered(pool, q.id, sid)
     assert await repo.get_undelivered_answers(pool, sid) == []
     record = await repo.get_question(pool, q.id)
     assert record is not None and record.delivered_at is not None
@@ -452,9 +452,9 @@ async def test_save_points_are_single_statements_that_pipeline(pool: asyncpg.Poo
         rows = await conn.fetchmany(bounds[0].sql, [b.args for b in bounds])
     assert [b.decode(r) for b, r in zip(bounds, rows, strict=True)] == [1, None, 2]
     for bound in (
-        repo.task_started(uuid.uuid4()),
-        repo.task_finished(uuid.uuid4(), TaskStatus.FAILED, 1, ""),
-        repo.answer_delivered(uuid.uuid4()),
+        repo.task_started(uuid.uuid4(), ghost),
+        repo.task_finished(uuid.uuid4(), TaskStatus.FAILED, 1, "", ghost),
+        repo.answer_delivered(uuid.uuid4(), ghost),
     ):
         assert await bound.run(pool) in (None, False)
     with pytest.raises(NotFoundError, match=str(ghost)):

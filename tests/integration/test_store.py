@@ -104,9 +104,11 @@ async def test_every_save_point_is_one_round_trip(wired: tuple[Pool, Wire]) -> N
         ),
         "redelivered_answer": lambda i: store.deliver_answers(AnswersDelivered((asked[i].id,))),
         "spawn": lambda i: store.spawn_task(TaskSpawned(tasks[i], S.WORKING)),
-        "task_start": lambda i: store.start_task(TaskStarted(tasks[i].task_id)),
+        "task_start": lambda i: store.start_task(
+            TaskStarted(tasks[i].task_id, tasks[i].supervisor_id)
+        ),
         "task_finished": lambda i: store.finish_task(
-            TaskFinished(tasks[i].task_id, TaskStatus.SUCCEEDED, 0, "ok")
+            TaskFinished(tasks[i].task_id, TaskStatus.SUCCEEDED, 0, "ok", tasks[i].supervisor_id)
         ),
         "heartbeat": lambda i: store.beat(Heartbeats((Heartbeat(sid, S.WORKING, "beat", 10, 0),))),
         "restore_state": lambda i: store.restore_state(StateRestored(state)),

@@ -3,6 +3,10 @@
 A command says what is to be saved, nothing about how: the store turns it into
 one statement (makima.repository) and decides whether it goes out alone or
 with others (group commit). Commands are plain values, easy to log and test.
+
+Every write to a supervisor's rows carries its :class:`~makima.model.Fence` (the
+owner daemon and lease epoch it runs under; a state carries its own), checked
+by the statement itself (DESIGN §13).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from datetime import datetime
 from typing import Any
 
 from makima.model import (
+    NO_FENCE,
+    Fence,
     Heartbeat,
     PendingQuestion,
     RestorationSource,
@@ -29,18 +35,24 @@ __all__ = [
     "CheckpointSaved",
     "DaemonRegistered",
     "DaemonSeen",
+    "Fence",
     "Heartbeat",
     "Heartbeats",
+    "LeaseReleased",
+    "LeaseRenewed",
     "MessageAdded",
     "PhaseChange",
     "QuestionAnswered",
     "QuestionAsked",
     "QuestionRowsRepaired",
     "QuestionsRedelivered",
+    "RequestAdded",
+    "RequestFinished",
     "RestorationsCounted",
     "StateChange",
     "StateRestored",
     "SupervisorCreated",
+    "SupervisorsClaimed",
     "TaskFinished",
     "TaskSpawned",
     "TaskStarted",
@@ -62,6 +74,7 @@ class StateChange:
     progress: int
     error_message: str | None = None
     result: Any = None
+    fence: Fence = NO_FENCE
 
     @classmethod
     def of(cls, state: SupervisorState) -> StateChange:
@@ -72,6 +85,7 @@ class StateChange:
             state.progress,
             state.error_message,
             state.result,
+            Fence.of(state),
         )
 
 
@@ -97,6 +111,7 @@ class MessageAdded:
     supervisor_id: uuid.UUID
     role: str
     content: Any
+    fence: Fence = NO_FENCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,17 +121,21 @@ class QuestionAsked:
     supervisor_id: uuid.UUID
     question: PendingQuestion
     state: SupervisorStateEnum
+    fence: Fence = NO_FENCE
 
 
 @dataclass(frozen=True, slots=True)
 class QuestionAnswered:
     """Save point on an answer: the one answer, out of the pending entries, and the
-    supervisor's new state when given."""
+    supervisor's new state when given. ``fence``: the owner's (its state row is then
+    written only if it holds); None: a daemon that does not run the supervisor
+    records a person's answer for the one that does."""
 
     question_id: uuid.UUID
     answer: str
     answered_by_uid: int | None
     state: SupervisorStateEnum | None = None
+    fence: Fence | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +145,7 @@ class TaskSpawned:
 
     task: TaskRecord
     state: SupervisorStateEnum | None = None
+    fence: Fence = NO_FENCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +153,8 @@ class TaskStarted:
     """A new attempt of the task's process has started."""
 
     task_id: uuid.UUID
+    supervisor_id: uuid.UUID
+    fence: Fence = NO_FENCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +165,8 @@ class TaskFinished:
     status: TaskStatus
     exit_code: int | None
     output_tail: str | None
+    supervisor_id: uuid.UUID
+    fence: Fence = NO_FENCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +176,17 @@ class TasksEnded:
 
     supervisor_id: uuid.UUID
     status: TaskStatus
+    fence: Fence = NO_FENCE
 
 
 @dataclass(frozen=True, slots=True)
 class AnswersDelivered:
-    """The agent has these answers."""
+    """The agent has these answers (of ``supervisor_id``'s questions, under its fence;
+    no supervisor: any question's, unfenced)."""
 
     question_ids: tuple[uuid.UUID, ...]
+    supervisor_id: uuid.UUID | None = None
+    fence: Fence = NO_FENCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +222,7 @@ class RestorationsCounted:
     supervisor_ids: tuple[uuid.UUID, ...]
     source: RestorationSource
     saved: Mapping[uuid.UUID, int] = field(default_factory=dict)
+    fences: Mapping[uuid.UUID, Fence] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +231,7 @@ class QuestionRowsRepaired:
 
     supervisor_id: uuid.UUID
     questions: tuple[PendingQuestion, ...]
+    fence: Fence = NO_FENCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,13 +240,16 @@ class TasksRequeued:
 
     supervisor_id: uuid.UUID
     since: datetime | None
+    fence: Fence = NO_FENCE
 
 
 @dataclass(frozen=True, slots=True)
 class QuestionsRedelivered:
-    """Open questions delivered once more (``redelivery_count``+1 each)."""
+    """Open questions delivered once more (``redelivery_count``+1 each), each under
+    its supervisor's fence (``fences``, parallel; empty: nobody's)."""
 
     question_ids: tuple[uuid.UUID, ...]
+    fences: tuple[Fence, ...] = ()
 
 
 # ----------------------------------------------------------------- daemon and API
@@ -224,9 +257,10 @@ class QuestionsRedelivered:
 
 @dataclass(frozen=True, slots=True)
 class SupervisorCreated:
-    """A new supervisor: its spec and its initial state row."""
+    """A new supervisor: its spec and its initial state row, owned by ``owner``."""
 
     spec: SupervisorSpec
+    owner: uuid.UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +268,61 @@ class DaemonRegistered:
     daemon_id: uuid.UUID
     host: str
     pid: int
+    ttl: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class DaemonSeen:
     daemon_id: uuid.UUID
+
+
+# ----------------------------------------------------------------- leases (§13)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRenewed:
+    """The daemon's lease renewed for ``ttl`` seconds (database clock); ``running``:
+    the supervisors it runs, with the fence each runs under, to learn which were
+    taken over and what waits for them."""
+
+    daemon_id: uuid.UUID
+    host: str
+    pid: int
+    ttl: float
+    running: Mapping[uuid.UUID, Fence]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseReleased:
+    """A handover: the daemon lets go of its lease, so that peers claim at once."""
+
+    daemon_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorsClaimed:
+    """Claim what nobody holds a lease on (and, with ``own``, what this daemon owns)."""
+
+    daemon_id: uuid.UUID
+    own: bool
+    only: uuid.UUID | None = None  # this one supervisor alone (a manual resume)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAdded:
+    """A person's cancel or resume, for the daemon that runs the supervisor."""
+
+    request_id: uuid.UUID
+    supervisor_id: uuid.UUID
+    kind: str
+    requested_by_uid: int | None
+    daemon_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFinished:
+    """What came of a request."""
+
+    request_id: uuid.UUID
+    daemon_id: uuid.UUID
+    outcome: Any

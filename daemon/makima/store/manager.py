@@ -7,10 +7,12 @@ database refuses raises SavePointRefusedError. Reads come in two kinds: the
 ones a person's request makes fail fast with DatabaseUnavailableError while the
 database is away; restoration's loads (``load_*``) wait for it like a save point.
 
-**Every write passes through** :meth:`Store._write`. It is the one place where
-a check common to all writes belongs: the lease and fencing check of several
-daemons sharing one database (the supervisor's ``owner_daemon_id`` and
-``lease_epoch``) goes there. ``_write``
+**Every write passes through** :meth:`Store._write`. Each write to a
+supervisor's rows carries its fence (the owner daemon and lease epoch it runs
+under: :class:`~makima.model.Fence`), and its one statement checks it against
+the row (DESIGN §13): when it does not hold, nothing is written and
+FencedError is raised, so a daemon whose supervisor was taken over can never
+acknowledge a save point for it. ``_write``
 tries each save point once, on the fast path (for the kinds that can be
 batched, through the group committer, :mod:`makima.store.committer`); only a
 connection error sends it into the retry machinery (``Database.save``), where
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from makima import repository as repo
 from makima.database import Database, Db
@@ -36,23 +38,29 @@ from makima.model import (
     SupervisorStateEnum,
     TaskRecord,
 )
+from makima.repository import Claim, Renewal, Request
 from makima.store.commands import (
     AnswersDelivered,
     CheckpointSaved,
     DaemonRegistered,
     DaemonSeen,
     Heartbeats,
+    LeaseReleased,
+    LeaseRenewed,
     MessageAdded,
     PhaseChange,
     QuestionAnswered,
     QuestionAsked,
     QuestionRowsRepaired,
     QuestionsRedelivered,
+    RequestAdded,
+    RequestFinished,
     RestorationsCounted,
     StateChange,
     StateRestored,
     StatesRestored,
     SupervisorCreated,
+    SupervisorsClaimed,
     TaskFinished,
     TasksEnded,
     TaskSpawned,
@@ -60,6 +68,8 @@ from makima.store.commands import (
     TaskStarted,
 )
 from makima.store.committer import Committer, Job
+
+__all__ = ["Claim", "Renewal", "Request", "Store"]
 
 T = TypeVar("T")
 Operation = Callable[[Db, bool], Awaitable[T]]  # (pool, is this attempt a retry?)
@@ -115,7 +125,13 @@ class Store:
         """The row's new version; None when the supervisor has no state row."""
         c = command
         bound = repo.state_change(
-            c.supervisor_id, c.state, c.current_activity, c.progress, c.error_message, c.result
+            c.supervisor_id,
+            c.state,
+            c.current_activity,
+            c.progress,
+            c.error_message,
+            c.result,
+            c.fence,
         )
         return await self._batched("state_change", bound)
 
@@ -129,56 +145,71 @@ class Store:
         """The message's ``seq``."""
         c = command
         return await self._batched(
-            "message", repo.message_added(c.supervisor_id, c.role, c.content)
+            "message", repo.message_added(c.supervisor_id, c.role, c.content, c.fence)
         )
 
     async def ask_question(self, command: QuestionAsked) -> int:
         c = command
-        bound = repo.question_asked(c.supervisor_id, c.question, c.state)
+        bound = repo.question_asked(c.supervisor_id, c.question, c.state, c.fence)
         return await self._batched("ask", bound)
 
     async def answer_question(self, command: QuestionAnswered) -> QuestionRecord:
         """One statement from the call to the commit. NotFoundError, ConflictError
         (the existing answer in ``data``), InvalidAnswerError as the repository says;
-        a retry recognises its own commit (the same answer by the same uid)."""
+        a retry recognises its own commit (the same answer by the same uid). With the
+        owner's fence, AnsweredElsewhereError: recorded, but the supervisor was taken
+        over (the record is in the error)."""
         c = command
 
         async def answer(pool: Db, retry: bool) -> QuestionRecord:
             return await repo.answer_question(
-                pool, c.question_id, c.answer, c.answered_by_uid, state=c.state, retry=retry
+                pool,
+                c.question_id,
+                c.answer,
+                c.answered_by_uid,
+                state=c.state,
+                retry=retry,
+                fence=c.fence,
             )
 
         return await self._write("answer", answer)
 
     async def spawn_task(self, command: TaskSpawned) -> tuple[TaskRecord, int]:
         """The task's row and the supervisor's new version."""
-        return await self._batched("spawn", repo.task_spawned(command.task, command.state))
+        c = command
+        return await self._batched("spawn", repo.task_spawned(c.task, c.state, c.fence))
 
     async def start_task(self, command: TaskStarted) -> TaskRecord | None:
-        return await self._batched("task_start", repo.task_started(command.task_id))
+        c = command
+        return await self._batched(
+            "task_start", repo.task_started(c.task_id, c.supervisor_id, c.fence)
+        )
 
     async def finish_task(self, command: TaskFinished) -> TaskRecord | None:
         c = command
-        bound = repo.task_finished(c.task_id, c.status, c.exit_code, c.output_tail)
+        bound = repo.task_finished(
+            c.task_id, c.status, c.exit_code, c.output_tail, c.supervisor_id, c.fence
+        )
         return await self._batched("task_finished", bound)
 
     async def end_tasks(self, command: TasksEnded) -> list[TaskRecord]:
-        sid, status = command.supervisor_id, command.status
+        sid, status, fence = command.supervisor_id, command.status, command.fence
 
         async def end(pool: Db, retry: bool) -> list[TaskRecord]:
-            return await repo.end_unfinished_tasks(pool, sid, status)
+            return await repo.end_unfinished_tasks(pool, sid, status, fence)
 
         return await self._write("end_tasks", end)
 
     async def deliver_answers(self, command: AnswersDelivered) -> int:
         """How many were marked delivered (each the first time only)."""
-        ids = command.question_ids
-        if len(ids) == 1:
-            delivered_one = await self._batched("answer_delivered", repo.answer_delivered(ids[0]))
+        ids, sid, fence = command.question_ids, command.supervisor_id, command.fence
+        if len(ids) == 1 and sid is not None:
+            bound = repo.answer_delivered(ids[0], sid, fence)
+            delivered_one = await self._batched("answer_delivered", bound)
             return 1 if delivered_one else 0
 
         async def delivered(pool: Db, retry: bool) -> int:
-            return await repo.mark_answers_delivered(pool, ids)
+            return await repo.mark_answers_delivered(pool, ids, sid, fence)
 
         return await self._write("answer_delivered", delivered)
 
@@ -222,7 +253,11 @@ class Store:
 
         async def mark(pool: Db, retry: bool) -> dict[uuid.UUID, tuple[int, int]]:
             return await repo.mark_supervisors_restored(
-                pool, c.supervisor_ids, c.source, unless_past=c.saved if retry else None
+                pool,
+                c.supervisor_ids,
+                c.source,
+                unless_past=c.saved if retry else None,
+                fences=c.fences,
             )
 
         return await self._write("restore_mark", mark)
@@ -231,7 +266,7 @@ class Store:
         c = command
 
         async def repair(pool: Db, retry: bool) -> None:
-            await repo.record_question_rows(pool, c.supervisor_id, c.questions)
+            await repo.record_question_rows(pool, c.supervisor_id, c.questions, c.fence)
 
         await self._write("restore_repair", repair)
 
@@ -239,15 +274,15 @@ class Store:
         c = command
 
         async def requeue(pool: Db, retry: bool) -> list[TaskRecord]:
-            return await repo.requeue_interrupted_tasks(pool, c.supervisor_id, c.since)
+            return await repo.requeue_interrupted_tasks(pool, c.supervisor_id, c.since, c.fence)
 
         return await self._write("restore_tasks", requeue)
 
     async def count_redeliveries(self, command: QuestionsRedelivered) -> int:
-        ids = command.question_ids
+        ids, fences = command.question_ids, command.fences or None
 
         async def count(pool: Db, retry: bool) -> int:
-            return await repo.increment_redelivery_count(pool, ids)
+            return await repo.increment_redelivery_count(pool, ids, fences)
 
         return await self._write("redelivery", count)
 
@@ -257,7 +292,7 @@ class Store:
         c = command
 
         async def register(pool: Db, retry: bool) -> None:
-            await repo.register_daemon(pool, c.daemon_id, c.host, c.pid)
+            await repo.register_daemon(pool, c.daemon_id, c.host, c.pid, c.ttl)
 
         await self._write("register_daemon", register)
 
@@ -271,12 +306,62 @@ class Store:
 
     async def create_supervisor(self, command: SupervisorCreated) -> SupervisorState:
         """A person's request: it fails fast while the database is away."""
-        spec = command.spec
+        spec, owner = command.spec, command.owner
 
         async def create(pool: Db, retry: bool) -> SupervisorState:
-            return await repo.create_supervisor(pool, spec)
+            return await repo.create_supervisor(pool, spec, owner)
 
         return await self._write("create_supervisor", create, wait=False)
+
+    # ----------------------------------------------------------------- leases and requests
+
+    async def renew_lease(self, command: LeaseRenewed, db: Db | None = None) -> Renewal:
+        """Once, on ``db`` (the daemon's lease connection) or the pool: a renewal that
+        fails is the lease loop's to retry, against its own deadline."""
+        c = command
+        return await repo.renew_lease(
+            db or self.db.pool, c.daemon_id, c.host, c.pid, c.ttl, c.running
+        )
+
+    async def release_lease(self, command: LeaseReleased) -> None:
+        await self.db.query(lambda pool: repo.release_lease(pool, command.daemon_id))
+
+    async def claim(self, command: SupervisorsClaimed, db: Db | None = None) -> list[Claim]:
+        """Once, like :meth:`renew_lease`: claims are retried by the next round."""
+        c = command
+        return await repo.claim_supervisors(db or self.db.pool, c.daemon_id, own=c.own, only=c.only)
+
+    async def add_request(self, command: RequestAdded) -> None:
+        """A person's request: it fails fast while the database is away."""
+        c = command
+
+        async def add(pool: Db, retry: bool) -> None:
+            await repo.add_request(
+                pool, c.request_id, c.supervisor_id, c.kind, c.requested_by_uid, c.daemon_id
+            )
+
+        await self._write("request", add, wait=False)
+
+    async def finish_request(self, command: RequestFinished) -> bool:
+        c = command
+
+        async def finish(pool: Db, retry: bool) -> bool:
+            return await repo.finish_request(pool, c.request_id, c.daemon_id, c.outcome)
+
+        return await self._write("request_finished", finish)
+
+    async def notify(self, payloads: Sequence[str]) -> None:
+        """Tell the other daemons (fire and forget: fails fast while the database is away)."""
+        await self.db.query(lambda pool: repo.notify(pool, payloads))
+
+    async def get_requests(self, request_ids: Sequence[uuid.UUID]) -> list[Request]:
+        return await self.db.query(lambda pool: repo.get_requests(pool, request_ids))
+
+    async def list_daemons(self) -> list[dict[str, Any]]:
+        return await self.db.query(repo.list_daemons)
+
+    async def owner_of(self, supervisor_id: uuid.UUID) -> tuple[uuid.UUID | None, bool] | None:
+        return await self.db.query(lambda pool: repo.owner_of(pool, supervisor_id))
 
     # ----------------------------------------------------------------- reads (fail fast)
 
@@ -328,6 +413,11 @@ class Store:
 
     async def load_unfinished_ids(self) -> list[uuid.UUID]:
         return await self._load(repo.get_unfinished_supervisor_ids)
+
+    async def load_states(
+        self, ids: Sequence[uuid.UUID]
+    ) -> list[tuple[uuid.UUID, SupervisorState | InvalidValueError]]:
+        return await self._load(lambda pool: repo.load_supervisor_states(pool, ids))
 
     async def load_state(self, supervisor_id: uuid.UUID) -> SupervisorState | None:
         return await self._load(
