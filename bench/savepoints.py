@@ -60,7 +60,7 @@ import structlog
 
 from makima.database import Database, DatabaseConfig, ensure_database
 from makima.embedded import ConnectParams, EmbeddedPostgres
-from makima.model import PendingQuestion, SupervisorSpec, SupervisorState, TaskRecord
+from makima.model import Fence, PendingQuestion, SupervisorSpec, SupervisorState, TaskRecord
 from makima.model import SupervisorStateEnum as S
 from makima.store import (
     AnswersDelivered,
@@ -97,6 +97,7 @@ class Makima:
         # What the daemon holds in memory per supervisor: the state and row version
         # its next save point (and its heartbeat) starts from.
         self.memory: dict[uuid.UUID, SupervisorState] = {}
+        self.daemon_id = uuid.uuid4()
 
     @classmethod
     async def open(cls, url: str, pool_size: int) -> Makima:
@@ -118,23 +119,28 @@ class Makima:
             new = dataclasses.replace(new, version=version)
         self.memory[s.supervisor_id] = new
 
+    def _fence(self, s: SupervisorState) -> Fence:
+        return Fence.of(self.memory.get(s.supervisor_id, s))
+
     async def create_supervisor(self, i: int) -> SupervisorState:
         spec = SupervisorSpec.new(f"bench-{i}", ["true"], goal="benchmark save points")
-        state = await self.store.create_supervisor(SupervisorCreated(spec))
+        # Owned by this (pretend) daemon, as the daemon creates them: every save
+        # point below carries the fence (owner, lease epoch) and its statement checks it.
+        state = await self.store.create_supervisor(SupervisorCreated(spec, self.daemon_id))
         self.memory[state.supervisor_id] = state
         return state
 
     async def state_change(self, s: SupervisorState, n: int) -> None:
         """Supervisor._change: an activity the agent waits an ack for, say."""
         activity, progress = f"step {n}", n % 101
-        command = StateChange(s.supervisor_id, S.WORKING, activity, progress)
+        command = StateChange(s.supervisor_id, S.WORKING, activity, progress, fence=self._fence(s))
         version = await self.store.change_state(command)
         self._saved(s, version, state=S.WORKING, current_activity=activity, progress=progress)
 
     def _beat(self, s: SupervisorState, n: int) -> Heartbeat:
         """Supervisor.heartbeat: what the daemon holds for one live supervisor."""
         m = self.memory.get(s.supervisor_id, s)
-        return Heartbeat(s.supervisor_id, m.state, f"beat {n}", n % 101, m.version)
+        return Heartbeat(s.supervisor_id, m.state, f"beat {n}", n % 101, m.version, Fence.of(m))
 
     def _after_beats(self, outcomes: dict[uuid.UUID, tuple[int, bool]]) -> None:
         """Supervisor.after_heartbeat: adopt the row's version when the beat could not write."""
@@ -170,7 +176,9 @@ class Makima:
     async def message(self, s: SupervisorState, n: int) -> None:
         """Supervisor._apply on a ``message``: one entry of the conversation history."""
         content = {"text": f"Step {n}: the unit tests pass; running the integration tests."}
-        await self.store.add_message(MessageAdded(s.supervisor_id, "assistant", content))
+        await self.store.add_message(
+            MessageAdded(s.supervisor_id, "assistant", content, self._fence(s))
+        )
 
     async def question_asked(self, s: SupervisorState, n: int) -> uuid.UUID:
         """Supervisor._on_ask: the question's row, the pending entry and the state."""
@@ -180,7 +188,7 @@ class Makima:
             choices=("yes", "no"),
             context="The tests passed on the last commit.",
         )
-        command = QuestionAsked(s.supervisor_id, question, S.WAITING_FOR_USER)
+        command = QuestionAsked(s.supervisor_id, question, S.WAITING_FOR_USER, self._fence(s))
         version = await self.store.ask_question(command)
         self._saved(s, version, state=S.WAITING_FOR_USER)
         return question.id
@@ -189,7 +197,7 @@ class Makima:
         """Daemon.answer_question for a running supervisor's open question (found in
         memory): Supervisor.answer, one statement from the call to the commit. The
         client's reply goes out after it; the delivery mark is answer_delivered."""
-        command = QuestionAnswered(question_id, "yes", 1000, S.WORKING)
+        command = QuestionAnswered(question_id, "yes", 1000, S.WORKING, self._fence(s))
         await self.store.answer_question(command)
         self._saved(s, None, state=S.WORKING)
 
@@ -200,7 +208,9 @@ class Makima:
 
     async def answer_delivered(self, s: SupervisorState, question_id: uuid.UUID) -> None:
         """Supervisor.deliver_answer, once the agent has the answer: the delivery mark."""
-        await self.store.deliver_answers(AnswersDelivered((question_id,)))
+        await self.store.deliver_answers(
+            AnswersDelivered((question_id,), s.supervisor_id, self._fence(s))
+        )
 
     async def task_spawned(self, s: SupervisorState, n: int) -> None:
         """Supervisor._on_spawn: the task's row and the supervisor's list (state unchanged)."""
@@ -210,7 +220,7 @@ class Makima:
             name=f"test-{n}",
             command=("pytest", "-q", "tests/unit"),
         )
-        _, version = await self.store.spawn_task(TaskSpawned(task, None))
+        _, version = await self.store.spawn_task(TaskSpawned(task, None, self._fence(s)))
         self._saved(s, version)
 
     async def forget_spawned_tasks(self) -> None:

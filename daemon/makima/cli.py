@@ -701,7 +701,39 @@ def status(as_json: bool, socket_path: Path | None) -> None:
     grid.add_row("open questions", str(result["pending_questions"]))
     counts = ", ".join(f"{k} {v}" for k, v in result["supervisors"].items() if v)
     grid.add_row("supervisors", counts or "none")
+    cluster = result.get("cluster") or {}
+    lease = cluster.get("lease")
+    if lease:
+        held = "held" if lease["valid"] else "LOST (agents stopped until it is renewed)"
+        grid.add_row(
+            "lease",
+            f"{held}; TTL {lease['ttl']:g}s, renewed every {lease['renew']:g}s"
+            if lease["enforced"]
+            else "not needed (embedded database: no other daemon can share it)",
+        )
     out.print(grid)
+    daemons = cluster.get("daemons") or []
+    if lease and lease["enforced"] and daemons:
+        table = listing(
+            key("daemon"),
+            free("host", max_width=24),
+            key("pid", right=True),
+            key("alive"),
+            key("age", right=True),
+            key("renewed", right=True),
+            key("supervisors", right=True),
+        )
+        for d in daemons:
+            table.add_row(
+                cell(short(d["daemon_id"]) + (" (this)" if d["self"] else "")),
+                cell(d["host"]),
+                cell(d["pid"]),
+                cell("yes" if d["alive"] else ("released" if d["released_at"] else "no")),
+                cell(_ago(d["age_s"])),
+                cell(_ago(d["renewed_s_ago"]) + " ago"),
+                cell(d["supervisors"]),
+            )
+        out.print(table)
     report = result.get("last_startup_report")
     if report:
         summary = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
@@ -713,6 +745,14 @@ def status(as_json: bool, socket_path: Path | None) -> None:
                     f"  {outcome}: {entry['name']} ({short(entry['supervisor_id'])}) {issues}",
                     markup=False,
                 )
+
+
+def _ago(seconds: float) -> str:
+    """A duration the way a person reads it: 4s, 3m, 2h, 5d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(0, int(seconds))}s"
 
 
 # --------------------------------------------------------------------------- demo, drill

@@ -173,6 +173,7 @@ class Daemon:
             config.lease_ttl, config.lease_renew, enforced=config.database_url is not None
         )
         self._claiming = anyio.Lock()  # one claim round at a time
+        self._claims_open = False  # claim rounds wait for the startup's restoration
         self._handling: set[uuid.UUID] = set()  # requests being carried out
 
     @property
@@ -265,6 +266,7 @@ class Daemon:
                 # the agents are spawned now, without holding READY back.
                 self.launch_plans(plans)
                 del plans  # each runner keeps what its own agent needs
+                self._claims_open = True
                 await self._shutdown.wait()
                 self.notifier.stopping()
                 log.info("daemon.stopping", supervisors=len(self.supervisors))
@@ -582,9 +584,12 @@ class Daemon:
     async def restore_on_startup(self) -> list[Plan]:
         """Bring back what this daemon owns or may claim (see makima.restoration):
         everything but spawning their agents, which :meth:`launch_plans` does."""
-        claims = await self.store.claim(SupervisorsClaimed(self.daemon_id, own=True))
+        claimed = await self.store.claim(SupervisorsClaimed(self.daemon_id, own=True))
         self.startup_report, plans = await restore_all(
-            self.restorer, self._claimed(claims), stateless_owner=self.daemon_id
+            self.restorer,
+            self._claimed(claimed.claims),
+            stateless_owner=self.daemon_id,
+            refused=claimed.refused,
         )
         return plans
 
@@ -636,9 +641,12 @@ class Daemon:
             raise ConflictError(f"supervisor {supervisor_id} is being resumed already")
         self._resuming.add(supervisor_id)
         try:
-            claims = await self.store.claim(
+            claimed = await self.store.claim(
                 SupervisorsClaimed(self.daemon_id, own=True, only=supervisor_id)
             )
+            claims = claimed.claims
+            if claimed.refused:
+                raise ConflictError(f"supervisor {supervisor_id} {claimed.refused[0][1]}")
             if not claims:  # another daemon holds a lease on it: that one resumes it
                 return await self._for_owner(supervisor_id, "resume", os.getuid())
             plan = await restore_one(
@@ -678,11 +686,14 @@ class Daemon:
     async def claim_round(self, *, own: bool) -> None:
         """Claim what nobody holds a lease on (``own``: and what this daemon owns but
         does not run, after it lost its lease), restore and run it."""
+        if not self._claims_open:  # the startup's own claim and restoration come first
+            return
         async with self._claiming:
             while not self.stopping and self._task_group is not None and self.lease_valid():
                 # A fair share at a time (peers claim theirs meanwhile), again at once
                 # until nothing is left: a takeover does not wait for the next renewal.
-                claims = await self.store.claim(SupervisorsClaimed(self.daemon_id, own=own))
+                claimed = await self.store.claim(SupervisorsClaimed(self.daemon_id, own=own))
+                claims = claimed.claims
                 if not claims:
                     return
                 own = False
@@ -692,7 +703,9 @@ class Daemon:
                     supervisors=len(claims),
                     previous_owners=sorted({str(c.previous) for c in claims}),
                 )
-                report, plans = await restore_all(self.restorer, self._claimed(claims))
+                report, plans = await restore_all(
+                    self.restorer, self._claimed(claims), refused=claimed.refused
+                )
                 log.info("cluster.restored", **report["counts"])
                 self.launch_plans(plans)
 

@@ -50,6 +50,7 @@ class Subscription:
         self._send, self._receive = anyio.create_memory_object_stream[Event](buffer)
         self.dropped = False
         self.skipped = 0  # lossy events this subscriber missed
+        self.internal = False
 
     def wants(self, kind: str) -> bool:
         return self.kinds is None or kind in self.kinds
@@ -98,8 +99,13 @@ class EventBus:
         self.buffer = buffer
         self._subscriptions: set[Subscription] = set()
 
-    def subscribe(self, kinds: Iterable[str] | None = None) -> Subscription:
+    def subscribe(
+        self, kinds: Iterable[str] | None = None, *, internal: bool = False
+    ) -> Subscription:
+        """A new subscription; ``internal``: the daemon's own (its events sent to the
+        other daemons), not counted among the subscribers."""
         sub = Subscription(self, None if kinds is None else frozenset(kinds), self.buffer)
+        sub.internal = internal
         self._subscriptions.add(sub)
         return sub
 
@@ -117,4 +123,5 @@ class EventBus:
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._subscriptions)
+        """Subscribers on the socket (the daemon's own subscription not counted)."""
+        return sum(1 for sub in self._subscriptions if not sub.internal)

@@ -260,7 +260,7 @@ class Member:
         """This daemon's events (not those heard from others) to the other daemons, a
         batch at a time: what arrives within FORWARD_EVERY of the first goes with it."""
         while True:
-            subscription = self.bus.subscribe()
+            subscription = self.bus.subscribe(internal=True)
             try:
                 async for first in subscription:
                     await anyio.sleep(FORWARD_EVERY)

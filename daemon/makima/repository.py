@@ -1631,6 +1631,36 @@ async def claim_supervisors(
     ]
 
 
+async def claimable(db: Db, daemon_id: uuid.UUID, *, own: bool) -> list[uuid.UUID]:
+    """What :func:`claim_supervisors` would consider, read without locking (to claim
+    one at a time when claiming them together failed)."""
+    rows = await db.fetch(
+        "SELECT st.supervisor_id FROM supervisor_states st "
+        "WHERE st.state NOT IN ('completed', 'failed') AND (st.owner_daemon_id IS NULL "
+        "OR ($2::boolean AND st.owner_daemon_id = $1) OR (st.owner_daemon_id <> $1 "
+        "AND NOT EXISTS (SELECT 1 FROM daemons d WHERE d.daemon_id = st.owner_daemon_id "
+        "AND d.lease_expires_at > now() AND d.released_at IS NULL))) "
+        "ORDER BY st.created_at, st.supervisor_id LIMIT 10000",
+        daemon_id,
+        own,
+    )
+    return [r["supervisor_id"] for r in rows]
+
+
+async def claim_failed(db: Db, daemon_id: uuid.UUID, supervisor_id: uuid.UUID, reason: str) -> bool:
+    """Claim one supervisor and mark it failed with ``reason``, in one statement (the
+    database refused to claim it as it is). False when it was not claimable."""
+    value = await db.fetchval(
+        "UPDATE supervisor_states SET owner_daemon_id = $1, lease_epoch = lease_epoch + 1, "
+        f"state = 'failed', error_message = $3, {_BUMP} "
+        "WHERE supervisor_id = $2 AND state NOT IN ('completed', 'failed') RETURNING 1",
+        daemon_id,
+        supervisor_id,
+        reason,
+    )
+    return value is not None
+
+
 async def list_daemons(db: Db) -> list[dict[str, Any]]:
     """The daemons of the cluster: alive ones, and those seen within a day (at most
     100), with how many unfinished supervisors each owns, oldest first."""

@@ -728,13 +728,15 @@ async def restore_all(
     claims: Mapping[uuid.UUID, Claimed],
     *,
     stateless_owner: uuid.UUID | None = None,
+    refused: Sequence[tuple[uuid.UUID, str]] = (),
 ) -> tuple[dict[str, Any], list[Plan]]:
     """Restore the supervisors this daemon claimed (at its start, or taken over from
     a daemon whose lease expired), and, with ``stateless_owner`` (a start), the specs
     that have no state row at all (they start fresh, owned by it). Returns the
     report and the plans whose agents are to be launched. A supervisor whose
     restoration raises is reported failed; it never stops the others; one claimed
-    by another daemon meanwhile is left to it."""
+    by another daemon meanwhile is left to it. ``refused``: those the database
+    would not hand over (claimed as failed instead), reported failed."""
     claimed = dict(claims)
     if stateless_owner is not None:
         for spec in await restorer.store.load_specs_without_state():
@@ -782,7 +784,7 @@ async def restore_all(
             pending_questions=len(p.state.pending_questions),
             undelivered_answers=len(p.undelivered),
         )
-    for sid, reason in unreadable:
+    for sid, reason in [*unreadable, *refused]:
         report[Outcome.FAILED.value].append(
             {"supervisor_id": str(sid), "name": None, "state": S.FAILED.value, "issues": [reason]}
         )

@@ -83,7 +83,7 @@ async def test_statements_do_not_grow_with_supervisors(
         counted = []
         for n in (2, 4, 12):  # 2 supervisors (to prepare the statements), then 6, then 18
             await seed(store, n)
-            claims = await store.claim(SupervisorsClaimed(owner, own=True))
+            claims = (await store.claim(SupervisorsClaimed(owner, own=True))).claims
             before = wire.mark()
             report, plans = await restore_all(
                 restorer,

@@ -20,6 +20,7 @@ from makima.model import SupervisorStateEnum as S
 from makima.repository import AnsweredElsewhereError
 from makima.store import Heartbeat
 from tests.harness import Relay, client_for, daemon_config, next_event, running_daemon, until
+from tests.integration.test_cli import makima
 
 pytestmark = pytest.mark.anyio
 
@@ -201,6 +202,13 @@ async def test_one_cluster_for_the_people_who_answer(
         await until(lambda: a.supervisors[uuid.UUID(sid)].state.state is S.WORKING, "working")
         assert state["pending_questions"] == []
 
+        resumed = await on_b.call("supervisor.resume", {"supervisor_id": sid})
+        assert resumed["source"] == "manual", resumed  # carried out by A
+        await agent.expect("cancel")  # the old agent is told to go
+        agent = await relay.accept()
+        start = await agent.expect("start")
+        assert start["restoration"]["source"] == "manual"
+
         cancelled = await on_b.call("supervisor.cancel", {"supervisor_id": sid})
         assert cancelled["state"] == "failed", cancelled
         await agent.expect("cancel")
@@ -242,6 +250,12 @@ async def test_handover_at_shutdown_and_takeover_by_the_peer(
         daemons = {d["daemon_id"]: d for d in status["cluster"]["daemons"]}
         assert daemons[str(b.daemon_id)]["alive"] and daemons[str(b.daemon_id)]["supervisors"] == 1
         assert not daemons[str(a.daemon_id)]["alive"]
+        shown = await makima(b.config.socket_path, "status")
+        assert shown.code == 0, shown
+        rows = {line.split()[0]: line for line in shown.out.splitlines() if line[:1].isalnum()}
+        mine = rows[str(b.daemon_id)[:8]]
+        assert "(this)" in mine and " yes " in mine and mine.rstrip().endswith("1"), shown.out
+        assert "released" in rows[str(a.daemon_id)[:8]], shown.out
 
 
 async def test_a_fenced_copy_stops_and_acknowledges_nothing(

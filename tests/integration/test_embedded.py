@@ -16,7 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from makima.database import Database, DatabaseConfig
+from makima.database import SCHEMA_VERSION, Database, DatabaseConfig
 from makima.embedded import ConnectParams, EmbeddedPostgres, _process_serves
 from tests.harness import until
 
@@ -157,7 +157,7 @@ async def test_database_open_and_close_with_embedded_default(state_dir: Path) ->
     )
     try:
         assert db.is_embedded
-        assert await db.pool.fetchval("SELECT version FROM makima_schema") == 1
+        assert await db.pool.fetchval("SELECT version FROM makima_schema") == SCHEMA_VERSION
         assert await db.pool.fetchval("SELECT current_database()") == "makima"
     finally:
         await db.close()

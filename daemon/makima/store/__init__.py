@@ -36,12 +36,13 @@ from makima.store.commands import (
     TaskStarted,
 )
 from makima.store.committer import Committer, CommitterStats
-from makima.store.manager import Claim, Renewal, Request, Store
+from makima.store.manager import Claim, ClaimRound, Renewal, Request, Store
 
 __all__ = [
     "AnswersDelivered",
     "CheckpointSaved",
     "Claim",
+    "ClaimRound",
     "Committer",
     "CommitterStats",
     "DaemonRegistered",

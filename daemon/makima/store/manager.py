@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import asyncpg
+import structlog
+
 from makima import repository as repo
-from makima.database import Database, Db
+from makima.database import Database, Db, is_connection_error
 from makima.errors import InvalidValueError
 from makima.model import (
     CheckpointRecord,
@@ -69,7 +73,19 @@ from makima.store.commands import (
 )
 from makima.store.committer import Committer, Job
 
-__all__ = ["Claim", "Renewal", "Request", "Store"]
+__all__ = ["Claim", "ClaimRound", "Renewal", "Request", "Store"]
+
+log = structlog.get_logger("makima.store")
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRound:
+    """A claim round: what was claimed, and what the database refused to hand over
+    (claimed as failed instead, with the reason)."""
+
+    claims: list[Claim]
+    refused: tuple[tuple[uuid.UUID, str], ...]
+
 
 T = TypeVar("T")
 Operation = Callable[[Db, bool], Awaitable[T]]  # (pool, is this attempt a retry?)
@@ -326,10 +342,45 @@ class Store:
     async def release_lease(self, command: LeaseReleased) -> None:
         await self.db.query(lambda pool: repo.release_lease(pool, command.daemon_id))
 
-    async def claim(self, command: SupervisorsClaimed, db: Db | None = None) -> list[Claim]:
-        """Once, like :meth:`renew_lease`: claims are retried by the next round."""
+    async def claim(self, command: SupervisorsClaimed, db: Db | None = None) -> ClaimRound:
+        """Once, like :meth:`renew_lease`: claims are retried by the next round.
+
+        The crash boundary: when the database refuses the claim of them all (a row
+        it will not update), they are claimed one at a time, and one that is refused
+        alone is claimed as failed, with the reason (``refused``), so that it never
+        holds up the others."""
         c = command
-        return await repo.claim_supervisors(db or self.db.pool, c.daemon_id, own=c.own, only=c.only)
+        pool = db or self.db.pool
+        try:
+            return ClaimRound(
+                await repo.claim_supervisors(pool, c.daemon_id, own=c.own, only=c.only), ()
+            )
+        except asyncpg.PostgresError as exc:
+            if is_connection_error(exc):
+                raise
+            log.warning("store.claim_refused", error=f"{type(exc).__name__}: {exc}")
+        ids = [c.only] if c.only is not None else await repo.claimable(pool, c.daemon_id, own=c.own)
+        claims: list[Claim] = []
+        refused: list[tuple[uuid.UUID, str]] = []
+        for sid in ids:
+            try:
+                claims.extend(await repo.claim_supervisors(pool, c.daemon_id, own=c.own, only=sid))
+            except asyncpg.PostgresError as exc:
+                if is_connection_error(exc):
+                    raise
+                reason = f"it could not be claimed: the database refused ({exc})"
+                try:
+                    if await repo.claim_failed(pool, c.daemon_id, sid, reason):
+                        refused.append((sid, reason))
+                except asyncpg.PostgresError as second:
+                    if is_connection_error(second):
+                        raise
+                    log.exception(
+                        "store.claim_impossible",
+                        supervisor_id=str(sid),
+                        error=f"{type(second).__name__}: {second}",
+                    )
+        return ClaimRound(claims, tuple(refused))
 
     async def add_request(self, command: RequestAdded) -> None:
         """A person's request: it fails fast while the database is away."""
