@@ -671,11 +671,22 @@ class Daemon:
             if not runner.supervisor.is_fenced
         }
 
-    def fenced(self, supervisor_ids: Iterable[uuid.UUID], why: str) -> None:
+    def fenced(
+        self,
+        supervisor_ids: Iterable[uuid.UUID],
+        why: str,
+        as_of: Mapping[uuid.UUID, Fence] | None = None,
+    ) -> None:
+        """Stop the copies of these supervisors that were taken over. ``as_of``: the
+        fences they were found stale under; a copy running under another fence by now
+        (claimed again here meanwhile) is not that copy, and runs on."""
         for sid in supervisor_ids:
             runner = self.runners.get(sid)
-            if runner is not None:
-                runner.supervisor.fence_broken(why)
+            if runner is None:
+                continue
+            if as_of is not None and as_of.get(sid) != runner.supervisor.fence:
+                continue
+            runner.supervisor.fence_broken(why)
 
     def lapsed(self) -> None:
         """The lease's local deadline passed without a renewal: stop every agent now.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -45,7 +45,12 @@ class Host(Protocol):
 
     def running_fences(self) -> dict[uuid.UUID, Fence]: ...
 
-    def fenced(self, supervisor_ids: Iterable[uuid.UUID], why: str) -> None: ...
+    def fenced(
+        self,
+        supervisor_ids: Iterable[uuid.UUID],
+        why: str,
+        as_of: Mapping[uuid.UUID, Fence] | None = None,
+    ) -> None: ...
 
     def lapsed(self) -> None: ...
 
@@ -157,7 +162,8 @@ class Member:
         self._renewed.set()
         self._renewed = anyio.Event()
         if renewal.fenced:
-            self.host.fenced(renewal.fenced, "another daemon claimed it (seen at a lease renewal)")
+            why = "another daemon claimed it (seen at a lease renewal)"
+            self.host.fenced(renewal.fenced, why, as_of=running)
         if self.timer.enforced:
             await self.host.ping_agents(self.timer.valid_for(boottime()))
         if self._tg is not None:

@@ -1,4 +1,4 @@
-"""The cluster drill's judgements (makima.cluster_checks), on hand-made records; and
+"""The cluster drill's judgements (makima.cluster_drill.checks), on hand-made records; and
 its agent, driven by a hand-played daemon (tests/unit/fake_daemon.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from makima import cluster_checks as cc
+from makima.cluster_drill import checks as cc
 from makima.cluster_drill import database_url
 from makima.embedded import ConnectParams
 from makima.examples import drill_agent

@@ -14,7 +14,7 @@ host. Its first line (``what: start``) names its daemon (``ppid``) and the
 restoration source, its last (``what: exit``, when the process gets to write
 it) the exit status. The daemon's lines as this process read them go to
 ``trace-<supervisor id>-<pid>.jsonl`` beside it (the SDK's MAKIMA_AGENT_TRACE).
-See :mod:`makima.cluster_checks` for what the drill makes of them.
+See :mod:`makima.cluster_drill.checks` for what the drill makes of them.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ carries the daemon's pid (``ppid``) and the restoration source. The daemon's
 lines as the agent read them (``MAKIMA_AGENT_TRACE``) give the answers each
 process received.
 
-Everything here is pure: :mod:`makima.cluster_drill` reads the files, the
-database and ``/proc``, and hands the facts to these functions.
+Everything here is pure: the rest of :mod:`makima.cluster_drill` reads the
+files, the database and ``/proc``, and hands the facts to these functions.
 """
 
 from __future__ import annotations
