@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import signal
 import socket
@@ -65,6 +66,7 @@ from makima.restoration import (
 )
 from makima.runner import RestartPolicy, Runner
 from makima.store import (
+    CancelUnheld,
     Claim,
     Heartbeats,
     QuestionAnswered,
@@ -175,6 +177,7 @@ class Daemon:
         self._claiming = anyio.Lock()  # one claim round at a time
         self._claims_open = False  # claim rounds wait for the startup's restoration
         self._handling: set[uuid.UUID] = set()  # requests being carried out
+        self._absorbing: set[uuid.UUID] = set()  # answers given elsewhere being taken
 
     @property
     def db(self) -> Database:
@@ -271,8 +274,9 @@ class Daemon:
                 self.notifier.stopping()
                 log.info("daemon.stopping", supervisors=len(self.supervisors))
                 server_scope.cancel()
-                await self._stop_supervisors()
-                if self.config.handover:  # live peers claim at once; we take ours back anyway
+                stopped = await self._stop_supervisors()
+                if self.config.handover and stopped:  # peers claim at once; ours come back
+                    self.timer.valid_until = -math.inf  # nothing more to any agent from here
                     await self.member.release()
                 tg.cancel_scope.cancel()
         finally:
@@ -291,8 +295,9 @@ class Daemon:
         with scope:
             await self._server.serve(listener)
 
-    async def _stop_supervisors(self) -> None:
-        """Save every supervisor as interrupted and stop its agent, within a bound."""
+    async def _stop_supervisors(self) -> bool:
+        """Save every supervisor as interrupted and stop its agent, within a bound;
+        False when the bound passed with some agent not stopped."""
         bound = self.config.shutdown_grace * 3
         with anyio.move_on_after(bound) as scope:
             async with anyio.create_task_group() as tg:
@@ -303,6 +308,7 @@ class Daemon:
                     await supervisor.stopped.wait()
         if scope.cancelled_caught:
             log.warning("daemon.stop_timeout", bound_s=bound)
+        return not scope.cancelled_caught
 
     @staticmethod
     async def _stop_one(runner: Runner) -> None:
@@ -373,6 +379,9 @@ class Daemon:
         if self._task_group is None:
             raise RuntimeError("the daemon is not running")
         runner = Runner(supervisor, self.restorer, self.restart_policy, self._runner_ended)
+        former = self.runners.get(supervisor.id)
+        if former is not None:  # a copy under an older fence (claimed again here): stop it
+            former.supervisor.fence_broken("claimed again by this daemon")
         self.runners[supervisor.id] = runner
         self._task_group.start_soon(runner.run, restoration, after_start, gate)
         return runner
@@ -536,6 +545,8 @@ class Daemon:
                 "resumed",
                 {"state": shown},
             )
+        if kind == "cancel" and await self._cancel_unheld(supervisor_id, uid):
+            return {"state": "failed"}
         request_id = uuid.uuid4()
         await self.store.add_request(
             RequestAdded(request_id, supervisor_id, kind, uid, self.daemon_id)
@@ -620,6 +631,23 @@ class Daemon:
     def agents_starting(self) -> int:
         return len(self._starting)
 
+    async def _cancel_unheld(self, supervisor_id: uuid.UUID, uid: int) -> bool:
+        """Cancel here a supervisor no live daemon runs (its owner's lease is gone, or it
+        is this daemon's and does not run): claimed as failed, its unfinished tasks
+        cancelled, in one statement. False when a live daemon holds it."""
+        cancelled = await self.store.cancel_unheld(
+            CancelUnheld(self.daemon_id, supervisor_id, f"cancelled by uid {uid}")
+        )
+        if cancelled:
+            log.info("supervisor.cancelled_unheld", supervisor_id=str(supervisor_id), uid=uid)
+            self.bus.publish(
+                EventKind.SUPERVISOR_STATE_CHANGED,
+                supervisor_id=str(supervisor_id),
+                state="failed",
+                error_message=f"cancelled by uid {uid}",
+            )
+        return cancelled
+
     async def resume_supervisor(self, supervisor_id: uuid.UUID) -> dict[str, Any]:
         """Manual resume: restart its agent through restoration (source ``manual``).
         One that runs on another daemon is resumed there (a request, as for a cancel);
@@ -703,7 +731,13 @@ class Daemon:
             while not self.stopping and self._task_group is not None and self.lease_valid():
                 # A fair share at a time (peers claim theirs meanwhile), again at once
                 # until nothing is left: a takeover does not wait for the next renewal.
-                claimed = await self.store.claim(SupervisorsClaimed(self.daemon_id, own=own))
+                claimed = await self.store.claim(
+                    SupervisorsClaimed(
+                        self.daemon_id,
+                        own=own,
+                        running=(*self.runners, *self._resuming),
+                    )
+                )
                 claims = claimed.claims
                 if not claims:
                     return
@@ -718,6 +752,9 @@ class Daemon:
                     self.restorer, self._claimed(claims), refused=claimed.refused
                 )
                 log.info("cluster.restored", **report["counts"])
+                if not self.lease_valid():  # lost meanwhile: taken back after the renewal
+                    log.warning("cluster.not_launched", supervisors=len(plans))
+                    return
                 self.launch_plans(plans)
 
     def _claimed(self, claims: Sequence[Claim]) -> dict[uuid.UUID, Claimed]:
@@ -742,36 +779,56 @@ class Daemon:
             return
         self._handling.update(fresh)
         try:
-            for request in await self.store.get_requests(fresh):
-                runner = self.runners.get(request.supervisor_id)
-                if request.handled_at is not None or runner is None or runner.supervisor.is_fenced:
-                    continue
-                outcome: dict[str, Any]
-                try:
-                    if request.kind == "cancel":
-                        uid = (
-                            request.requested_by_uid if request.requested_by_uid is not None else -1
-                        )
-                        outcome = await self.cancel_supervisor(request.supervisor_id, uid)
-                    else:
-                        outcome = await self.resume_supervisor(request.supervisor_id)
-                except MakimaError as exc:
-                    outcome = error_outcome(exc)
-                await self.store.finish_request(
-                    RequestFinished(request.request_id, self.daemon_id, outcome)
-                )
-                log.info(
-                    "request.handled",
-                    request_id=str(request.request_id),
-                    supervisor_id=str(request.supervisor_id),
-                    kind=request.kind,
-                )
+            await self._handle_requests(fresh)
+        except Exception as exc:  # noqa: BLE001 - the next renewal's poll tries again
+            log.warning("request.handling_failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             self._handling.difference_update(fresh)
 
+    async def _handle_requests(self, fresh: Sequence[uuid.UUID]) -> None:
+        for request in await self.store.get_requests(fresh):
+            runner = self.runners.get(request.supervisor_id)
+            if request.handled_at is not None or runner is None or runner.supervisor.is_fenced:
+                continue
+            outcome: dict[str, Any]
+            try:
+                if request.kind == "cancel":
+                    uid = request.requested_by_uid if request.requested_by_uid is not None else -1
+                    outcome = await self.cancel_supervisor(request.supervisor_id, uid)
+                else:
+                    outcome = await self.resume_supervisor(request.supervisor_id)
+            except MakimaError as exc:
+                outcome = error_outcome(exc)
+            await self.store.finish_request(
+                RequestFinished(request.request_id, self.daemon_id, outcome)
+            )
+            log.info(
+                "request.handled",
+                request_id=str(request.request_id),
+                supervisor_id=str(request.supervisor_id),
+                kind=request.kind,
+            )
+
     async def absorb_answers(self, question_ids: Sequence[uuid.UUID]) -> None:
         """Answers recorded by other daemons for questions of supervisors running here:
-        each is taken (out of the open questions, the state moved on) and delivered."""
+        each is taken (out of the open questions, the state moved on) and delivered.
+        Only those still open here are looked up (an answer given here, or held for
+        an agent about to start, is not), each once at a time."""
+        open_here = {
+            q.id for r in self.runners.values() for q in r.supervisor.state.pending_questions
+        }
+        fresh = [q for q in question_ids if q in open_here and q not in self._absorbing]
+        if not fresh:
+            return
+        self._absorbing.update(fresh)
+        try:
+            await self._absorb(fresh)
+        except Exception as exc:  # noqa: BLE001 - the next renewal's poll tries again
+            log.warning("question.absorb_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._absorbing.difference_update(fresh)
+
+    async def _absorb(self, question_ids: Sequence[uuid.UUID]) -> None:
         for question_id in question_ids:
             record = await self.store.get_question(question_id)
             if record is None or record.answer is None or record.delivered_at is not None:

@@ -171,8 +171,7 @@ class Member:
                 self._tg.start_soon(self.host.handle_requests, renewal.requests)
             if renewal.answered:
                 self._tg.start_soon(self.host.absorb_answers, renewal.answered)
-        if self.cluster or regained:
-            self._claim_now.set()
+        self._claim_now.set()  # what nobody holds (or ours that does not run here)
         return True
 
     async def _connection(self) -> asyncpg.Connection:

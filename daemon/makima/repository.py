@@ -1285,22 +1285,25 @@ _ANSWER = (
     # Out of pending_questions (a person's answer, whoever runs the supervisor), and
     # the state: the owner's (its fence held) gives it; otherwise the last open
     # question answered moves waiting_for_user on to working, as the owner will.
-    "rest AS (SELECT s.supervisor_id, COALESCE((SELECT jsonb_agg(e.q ORDER BY e.n) "
-    "FROM jsonb_array_elements(s.pending_questions) WITH ORDINALITY AS e(q, n) "
-    "WHERE e.q->>'id' IS DISTINCT FROM $1::uuid::text), '[]'::jsonb) AS pending, "
-    f"($8::boolean AND {_fenced(6, 7, 's')}) AS owner "
-    "FROM supervisor_states s JOIN upd USING (supervisor_id)), "
-    "st AS (UPDATE supervisor_states AS s SET pending_questions = rest.pending, "
-    "state = CASE WHEN rest.owner THEN COALESCE($4::text, s.state) "
-    "WHEN rest.pending = '[]'::jsonb AND s.state = 'waiting_for_user' THEN 'working' "
-    "ELSE s.state END, "
+    # Everything is computed from the row being updated, so that after a lock wait
+    # (a claim, an ask) PostgreSQL re-evaluates it on the newest row version.
+    "st AS (UPDATE supervisor_states AS s SET pending_questions = COALESCE(("
+    "SELECT jsonb_agg(e.q ORDER BY e.n) FROM jsonb_array_elements(s.pending_questions) "
+    "WITH ORDINALITY AS e(q, n) WHERE e.q->>'id' IS DISTINCT FROM $1::uuid::text), "
+    "'[]'::jsonb), "
+    f"state = CASE WHEN $8::boolean AND {_fenced(6, 7, 's')} THEN COALESCE($4::text, s.state) "
+    "WHEN s.state = 'waiting_for_user' AND NOT EXISTS (SELECT 1 FROM "
+    "jsonb_array_elements(s.pending_questions) AS o(q) "
+    "WHERE o.q->>'id' IS DISTINCT FROM $1::uuid::text) THEN 'working' ELSE s.state END, "
     "version = s.version + 1, updated_at = now() "
-    "FROM rest WHERE s.supervisor_id = rest.supervisor_id AND (($4::text IS NOT NULL "
-    "AND rest.owner) "
-    "OR s.pending_questions @> jsonb_build_array(jsonb_build_object('id', $1::uuid::text)))) "
+    "FROM upd WHERE s.supervisor_id = upd.supervisor_id AND (($4::text IS NOT NULL "
+    f"AND $8::boolean AND {_fenced(6, 7, 's')}) "
+    "OR s.pending_questions @> jsonb_build_array(jsonb_build_object('id', $1::uuid::text))) "
+    f"RETURNING ($8::boolean AND {_fenced(6, 7, 's')}) AS owner) "
     "SELECT cur.*, upd.answered_at AS new_answered_at, upd.supervisor_id IS NOT NULL AS written, "
-    "(NOT $8::boolean OR EXISTS (SELECT 1 FROM supervisor_states s2 "
-    f"WHERE s2.supervisor_id = cur.supervisor_id AND {_fenced(6, 7, 's2')})) AS held "
+    "(NOT $8::boolean OR COALESCE((SELECT owner FROM st), EXISTS (SELECT 1 "
+    f"FROM supervisor_states s2 WHERE s2.supervisor_id = cur.supervisor_id "
+    f"AND {_fenced(6, 7, 's2')}))) AS held "
     "FROM cur LEFT JOIN upd ON true"
 )
 
@@ -1363,6 +1366,8 @@ async def answer_question(
             answered_by_uid=answered_by_uid,
         )
     if retry and (existing.answer, existing.answered_by_uid) == (answer, answered_by_uid):
+        if not row["held"]:  # its own commit, but the supervisor runs elsewhere now
+            raise AnsweredElsewhereError(existing.supervisor_id, existing)
         return existing
     if existing.is_answered:
         raise ConflictError(
@@ -1583,7 +1588,12 @@ class Claim:
 
 
 async def claim_supervisors(
-    db: Db, daemon_id: uuid.UUID, *, own: bool, only: uuid.UUID | None = None
+    db: Db,
+    daemon_id: uuid.UUID,
+    *,
+    own: bool,
+    only: uuid.UUID | None = None,
+    running: Sequence[uuid.UUID] = (),
 ) -> list[Claim]:
     """Claim, in one statement, the unfinished supervisors nobody holds a lease on:
     those without an owner and those whose owner's lease expired or was released
@@ -1592,7 +1602,10 @@ async def claim_supervisors(
     lost its lease: none of them runs here then). Rows being written are skipped
     (SKIP LOCKED) and taken on a later round; each claimed row's ``lease_epoch``
     is bumped, which fences out whoever ran it before. ``only``: that supervisor
-    alone, if it may be claimed."""
+    alone, if it may be claimed. ``running``: this daemon's supervisors that run (or
+    are being restored) here; its own that are not among them are claimed again
+    even without ``own`` (a restoration that failed after its claim, a row skipped
+    while locked), so that none stays owned by a live daemon that does not run it."""
     rows = await db.fetch(
         "WITH live AS (SELECT daemon_id FROM daemons WHERE lease_expires_at > now() "
         "AND released_at IS NULL), "
@@ -1603,7 +1616,8 @@ async def claim_supervisors(
         "share AS (SELECT GREATEST(1, ceil((SELECT count(*) FROM orphans)::numeric "
         "/ GREATEST(1, (SELECT count(*) FROM live))))::bigint AS n), "
         "own AS (SELECT st.supervisor_id, st.owner_daemon_id AS previous "
-        "FROM supervisor_states st WHERE $2::boolean AND st.owner_daemon_id = $1 "
+        "FROM supervisor_states st WHERE st.owner_daemon_id = $1 "
+        "AND ($2::boolean OR NOT (st.supervisor_id = ANY($4::uuid[]))) "
         "AND ($3::uuid IS NULL OR st.supervisor_id = $3) "
         "AND st.state NOT IN ('completed', 'failed') FOR UPDATE OF st SKIP LOCKED), "
         # The owner is checked on the row itself, so that a row claimed (and committed)
@@ -1624,11 +1638,20 @@ async def claim_supervisors(
         daemon_id,
         own,
         only,
+        list(running),
     )
     return [
         Claim(r["supervisor_id"], Fence(daemon_id, int(r["lease_epoch"])), r["previous"])
         for r in rows
     ]
+
+
+# On a supervisor_states row ``st`` (daemon id in $1): nobody else holds a lease on it.
+_NOBODY_HOLDS = (
+    "(st.owner_daemon_id IS NULL OR st.owner_daemon_id = $1 OR NOT EXISTS (SELECT 1 "
+    "FROM daemons d WHERE d.daemon_id = st.owner_daemon_id AND d.lease_expires_at > now() "
+    "AND d.released_at IS NULL))"
+)
 
 
 async def claimable(db: Db, daemon_id: uuid.UUID, *, own: bool) -> list[uuid.UUID]:
@@ -1651,14 +1674,42 @@ async def claim_failed(db: Db, daemon_id: uuid.UUID, supervisor_id: uuid.UUID, r
     """Claim one supervisor and mark it failed with ``reason``, in one statement (the
     database refused to claim it as it is). False when it was not claimable."""
     value = await db.fetchval(
-        "UPDATE supervisor_states SET owner_daemon_id = $1, lease_epoch = lease_epoch + 1, "
-        f"state = 'failed', error_message = $3, {_BUMP} "
-        "WHERE supervisor_id = $2 AND state NOT IN ('completed', 'failed') RETURNING 1",
+        "WITH c AS (SELECT st.supervisor_id FROM supervisor_states st "
+        "WHERE st.supervisor_id = $2 AND st.state NOT IN ('completed', 'failed') "
+        f"AND {_NOBODY_HOLDS} FOR UPDATE OF st SKIP LOCKED) "
+        "UPDATE supervisor_states s SET owner_daemon_id = $1, lease_epoch = s.lease_epoch + 1, "
+        "state = 'failed', error_message = $3, version = s.version + 1, updated_at = now() "
+        "FROM c WHERE s.supervisor_id = c.supervisor_id RETURNING 1",
         daemon_id,
         supervisor_id,
         reason,
     )
     return value is not None
+
+
+async def cancel_unheld(
+    db: Db, daemon_id: uuid.UUID, supervisor_id: uuid.UUID, reason: str
+) -> bool:
+    """Cancel a supervisor that no live daemon holds (this daemon's own included):
+    claimed and failed with ``reason``, its unfinished tasks cancelled, in one
+    statement. False when a live peer holds it (or it is finished, or being written)."""
+    value = await db.fetchval(
+        "WITH c AS (SELECT st.supervisor_id FROM supervisor_states st "
+        "WHERE st.supervisor_id = $2 AND st.state NOT IN ('completed', 'failed') "
+        f"AND {_NOBODY_HOLDS} FOR UPDATE OF st SKIP LOCKED), "
+        "s AS (UPDATE supervisor_states s SET owner_daemon_id = $1, "
+        "lease_epoch = s.lease_epoch + 1, state = 'failed', error_message = $3, "
+        "version = s.version + 1, updated_at = now() FROM c "
+        "WHERE s.supervisor_id = c.supervisor_id RETURNING s.supervisor_id), "
+        "t AS (UPDATE tasks SET status = 'cancelled', finished_at = now() "
+        "WHERE supervisor_id IN (SELECT supervisor_id FROM s) "
+        "AND status IN ('pending', 'running')) "
+        "SELECT count(*) FROM s",
+        daemon_id,
+        supervisor_id,
+        reason,
+    )
+    return bool(value)
 
 
 async def list_daemons(db: Db) -> list[dict[str, Any]]:

@@ -170,6 +170,8 @@ class Runner:
                 with anyio.move_on_after(decision.delay):
                     await self._wake.wait()
                 self._wake = None
+                if supervisor.is_fenced:  # taken over while waiting: not ours to restore
+                    return
                 source = (
                     RestorationSource.MANUAL
                     if self._resume is not None

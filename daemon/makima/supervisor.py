@@ -100,6 +100,8 @@ from makima.transitions import Event, is_allowed, transition
 
 log = structlog.get_logger("makima.supervisor")
 
+TASK_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when a task is stopped
+
 # Save points that leave the supervisor_states row (and so its version) alone.
 _OTHER_TABLES = frozenset({SavePoint.MESSAGE, SavePoint.TASK_FINISHED})
 T = TypeVar("T")
@@ -465,7 +467,7 @@ class Supervisor:
                 # supervisor keeps no copy of what its agent was started with.
                 start = start_message(str(self.id), self.spec.name, self.spec.goal, restoration)
                 restoration = None
-                sent = self._stop_reason is None and await agent.send(start)
+                sent = self._stop_reason is None and self._may_speak() and await agent.send(start)
                 del start
                 if sent:
                     if after_start is not None:
@@ -870,7 +872,12 @@ class Supervisor:
             await self.store.start_task(TaskStarted(task.task_id, self.id, self.fence))
             with scope:
                 outcome = await run_task(
-                    task.command, cwd=task.cwd, env=task.env, task_id=str(task.task_id)
+                    task.command,
+                    cwd=task.cwd,
+                    env=task.env,
+                    task_id=str(task.task_id),
+                    # Fenced: killed at once, before the lease's guard runs out.
+                    grace=lambda: 0.0 if self._fenced else TASK_GRACE,
                 )
         finally:
             if outcome is None:

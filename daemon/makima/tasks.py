@@ -22,7 +22,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -84,12 +84,14 @@ async def run_task(
     cwd: str | None,
     env: Mapping[str, str],
     task_id: str,
-    grace: float = 3.0,
+    grace: float | Callable[[], float] = 3.0,
 ) -> TaskOutcome:
     """Run to completion. On cancellation the task's processes are stopped (its
     process group, and its descendants outside it) and the cancellation
     propagates (the caller records ``cancelled``/``interrupted``). When the
-    task's process exits, descendants it left running are stopped too."""
+    task's process exits, descendants it left running are stopped too. ``grace``
+    (or what it returns at the stop: a fenced supervisor's tasks are killed at
+    once) is the time between SIGTERM and SIGKILL."""
     # MAKIMA_TASK_ID lets a later daemon find the process after a crash, and this
     # one find the descendants that leave the process group.
     full_env = child_environment(env, {TASK_ID_ENV: task_id})
@@ -115,7 +117,7 @@ async def run_task(
         code = await process.wait()
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await _stop_task(process, task_id, grace)
+            await _stop_task(process, task_id, grace() if callable(grace) else grace)
         raise
     finally:
         with anyio.CancelScope(shield=True):
@@ -124,7 +126,7 @@ async def run_task(
     # The task is over: what it left running (a daemonised grandchild) goes with it,
     # as a service's leftover processes do when its main process exits.
     with anyio.CancelScope(shield=True):
-        await _stop_descendants(task_id, grace, reason="exited")
+        await _stop_descendants(task_id, grace() if callable(grace) else grace, reason="exited")
     return TaskOutcome(outcome_for(code), code, tail.text())
 
 

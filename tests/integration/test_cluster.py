@@ -19,7 +19,15 @@ from makima.model import Fence, PendingQuestion, SupervisorSpec, TaskRecord
 from makima.model import SupervisorStateEnum as S
 from makima.repository import AnsweredElsewhereError
 from makima.store import Heartbeat
-from tests.harness import Relay, client_for, daemon_config, next_event, running_daemon, until
+from tests.harness import (
+    DEADLINE,
+    Relay,
+    client_for,
+    daemon_config,
+    next_event,
+    running_daemon,
+    until,
+)
 from tests.integration.test_cli import makima
 
 pytestmark = pytest.mark.anyio
@@ -132,12 +140,17 @@ async def test_claims_share_orphans_between_live_daemons(pool: asyncpg.Pool) -> 
     ids = {await owned_supervisor(pool, dead) for _ in range(6)}
     first = await repo.claim_supervisors(pool, a, own=False)
     second = await repo.claim_supervisors(pool, b, own=False)
-    third = await repo.claim_supervisors(pool, b, own=False)
+    runs_on_b = [c.supervisor_id for c in second]  # a daemon's own that run are left alone
+    third = await repo.claim_supervisors(pool, b, own=False, running=runs_on_b)
     # A fair share each round: the orphans left over the live daemons (6/2, 3/2, 1/2).
     assert [len(first), len(second), len(third)] == [3, 2, 1]
     claimed = [c.supervisor_id for c in (*first, *second, *third)]
     assert sorted(claimed) == sorted(ids)
-    assert await repo.claim_supervisors(pool, a, own=False) == []  # b's now, and b is alive
+    runs_on_a = [c.supervisor_id for c in first]
+    assert await repo.claim_supervisors(pool, a, own=False, running=runs_on_a) == []
+    # One of a's own that does not run on a (its restoration failed, say) is taken back.
+    back = await repo.claim_supervisors(pool, a, own=False, running=runs_on_a[1:])
+    assert [c.supervisor_id for c in back] == runs_on_a[:1]
 
 
 async def test_renewal_reports_what_was_taken_and_what_waits(pool: asyncpg.Pool) -> None:
@@ -318,3 +331,54 @@ async def test_the_lease_is_renewed_and_a_lapse_stops_every_agent(
         assert start["restoration"]["source"] == "daemon_restart"
         state = await on_a.call("supervisor.get", {"supervisor_id": str(sid)})
         assert state["owner_daemon_id"] == str(a.daemon_id) and state["lease_epoch"] == 2
+
+
+async def test_an_answer_waiting_on_a_lock_keeps_the_question_asked_meanwhile(
+    pool: asyncpg.Pool,
+) -> None:
+    """Another daemon answers Q1 while the owner's ask of Q2 holds the row: after the
+    wait, the answer is applied to the newest row, so Q2 stays open."""
+    owner = uuid.uuid4()
+    await repo.register_daemon(pool, owner, "a", 1, ttl=60)
+    sid = await owned_supervisor(pool, owner)
+    fence = Fence(owner, 1)
+    first, second = question(), question()
+    await repo.question_asked(sid, first, S.WAITING_FOR_USER, fence).run(pool)
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await repo.question_asked(sid, second, S.WAITING_FOR_USER, fence).run(conn)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(repo.answer_question, pool, first.id, "yes", 0)
+            with anyio.fail_after(DEADLINE):  # the answer waits on the row's lock
+                # nothing announces a lock wait but the server's own view
+                while not await pool.fetchval(  # noqa: ASYNC110
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
+                ):
+                    await anyio.sleep(0.02)
+            await tx.commit()
+    state = await repo.get_supervisor_state_for_restoration(pool, sid)
+    assert state is not None
+    assert [q.id for q in state.pending_questions] == [second.id]
+    assert state.state is S.WAITING_FOR_USER
+
+
+async def test_only_what_nobody_holds_is_cancelled_or_failed_by_a_claim(
+    pool: asyncpg.Pool,
+) -> None:
+    live, dead, me = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await repo.register_daemon(pool, live, "a", 1, ttl=60)
+    await repo.register_daemon(pool, dead, "b", 2, ttl=0)
+    held, orphan = await owned_supervisor(pool, live), await owned_supervisor(pool, dead)
+    task = TaskRecord(uuid.uuid4(), orphan, "t", ("true",))
+    await repo.task_spawned(task, None, Fence(dead, 1)).run(pool)
+    assert not await repo.claim_failed(pool, me, held, "refused")
+    assert not await repo.cancel_unheld(pool, me, held, "cancelled by uid 0")
+    assert await repo.cancel_unheld(pool, me, orphan, "cancelled by uid 0")
+    state = await repo.get_supervisor_state_for_restoration(pool, orphan)
+    assert state is not None and state.state is S.FAILED and state.owner_daemon_id == me
+    tasks = await repo.get_tasks_for_supervisor(pool, orphan)
+    assert [t.status for t in tasks] == [repo.TaskStatus.CANCELLED]
+    held_state = await repo.get_supervisor_state_for_restoration(pool, held)
+    assert held_state is not None and held_state.state is not S.FAILED

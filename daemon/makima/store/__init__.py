@@ -7,6 +7,7 @@ only importer of makima.repository); ``commands`` are the typed save points;
 
 from makima.store.commands import (
     AnswersDelivered,
+    CancelUnheld,
     CheckpointSaved,
     DaemonRegistered,
     DaemonSeen,
@@ -40,6 +41,7 @@ from makima.store.manager import Claim, ClaimRound, Renewal, Request, Store
 
 __all__ = [
     "AnswersDelivered",
+    "CancelUnheld",
     "CheckpointSaved",
     "Claim",
     "ClaimRound",

@@ -32,6 +32,7 @@ from makima.model import (
 
 __all__ = [
     "AnswersDelivered",
+    "CancelUnheld",
     "CheckpointSaved",
     "DaemonRegistered",
     "DaemonSeen",
@@ -306,6 +307,7 @@ class SupervisorsClaimed:
     daemon_id: uuid.UUID
     own: bool
     only: uuid.UUID | None = None  # this one supervisor alone (a manual resume)
+    running: tuple[uuid.UUID, ...] = ()  # its own that run here (the others are claimed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,3 +328,13 @@ class RequestFinished:
     request_id: uuid.UUID
     daemon_id: uuid.UUID
     outcome: Any
+
+
+@dataclass(frozen=True, slots=True)
+class CancelUnheld:
+    """A person's cancel of a supervisor no live daemon runs: claimed as failed here,
+    its unfinished tasks cancelled."""
+
+    daemon_id: uuid.UUID
+    supervisor_id: uuid.UUID
+    reason: str

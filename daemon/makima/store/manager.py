@@ -45,6 +45,7 @@ from makima.model import (
 from makima.repository import Claim, Renewal, Request
 from makima.store.commands import (
     AnswersDelivered,
+    CancelUnheld,
     CheckpointSaved,
     DaemonRegistered,
     DaemonSeen,
@@ -76,6 +77,14 @@ from makima.store.committer import Committer, Job
 __all__ = ["Claim", "ClaimRound", "Renewal", "Request", "Store"]
 
 log = structlog.get_logger("makima.store")
+
+
+def _about_the_data(exc: asyncpg.PostgresError) -> bool:
+    """An error about a row's data (SQLSTATE classes 22 and 23, or raised by a trigger:
+    P0), which claiming again cannot cure; not a timeout, a deadlock or a lost
+    connection, which the next round retries."""
+    state = str(getattr(exc, "sqlstate", "") or "")
+    return not is_connection_error(exc) and state[:2] in {"22", "23", "P0"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,10 +362,13 @@ class Store:
         pool = db or self.db.pool
         try:
             return ClaimRound(
-                await repo.claim_supervisors(pool, c.daemon_id, own=c.own, only=c.only), ()
+                await repo.claim_supervisors(
+                    pool, c.daemon_id, own=c.own, only=c.only, running=c.running
+                ),
+                (),
             )
         except asyncpg.PostgresError as exc:
-            if is_connection_error(exc):
+            if not _about_the_data(exc):  # a timeout, a deadlock: the next round retries
                 raise
             log.warning("store.claim_refused", error=f"{type(exc).__name__}: {exc}")
         ids = [c.only] if c.only is not None else await repo.claimable(pool, c.daemon_id, own=c.own)
@@ -366,7 +378,7 @@ class Store:
             try:
                 claims.extend(await repo.claim_supervisors(pool, c.daemon_id, own=c.own, only=sid))
             except asyncpg.PostgresError as exc:
-                if is_connection_error(exc):
+                if not _about_the_data(exc):
                     raise
                 reason = f"it could not be claimed: the database refused ({exc})"
                 try:
@@ -381,6 +393,15 @@ class Store:
                         error=f"{type(second).__name__}: {second}",
                     )
         return ClaimRound(claims, tuple(refused))
+
+    async def cancel_unheld(self, command: CancelUnheld) -> bool:
+        """A person's request: it fails fast while the database is away."""
+        c = command
+
+        async def cancel(pool: Db, retry: bool) -> bool:
+            return await repo.cancel_unheld(pool, c.daemon_id, c.supervisor_id, c.reason)
+
+        return await self._write("cancel_unheld", cancel, wait=False)
 
     async def add_request(self, command: RequestAdded) -> None:
         """A person's request: it fails fast while the database is away."""
