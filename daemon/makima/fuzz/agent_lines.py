@@ -46,7 +46,8 @@ AGENT_MESSAGES: Mapping[str, Mapping[str, Param]] = MappingProxyType(
         "phase": {"phase": Param(Kind.LABEL, required=True, null=Verdict.WRONG)},
         "message": {
             "role": Param(Kind.LABEL, required=True, null=Verdict.WRONG),
-            "content": Param(Kind.ANY, required=True),
+            # A message says something: the daemon refuses an explicit null.
+            "content": Param(Kind.ANY, required=True, null=Verdict.WRONG),
         },
         "checkpoint": {"data": Param(Kind.ANY, required=True)},
         "ask": {
