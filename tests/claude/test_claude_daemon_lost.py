@@ -7,7 +7,6 @@ process is left."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -57,26 +56,6 @@ async def ack_until_ask(daemon: FakeDaemon) -> dict[str, object]:
         await daemon.ack(message)
 
 
-async def ack_until_exit(daemon: FakeDaemon, within: float) -> int:
-    stdout = daemon.process.stdout
-    assert stdout is not None
-    buffer = b""
-    with anyio.fail_after(within):
-        while True:
-            try:
-                buffer += await stdout.receive()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                break
-            while b"\n" in buffer:
-                line, _, buffer = buffer.partition(b"\n")
-                message = json.loads(line)
-                daemon.received.append(message)
-                if "ref" in message:
-                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        await daemon.ack(message)
-        return await daemon.process.wait()
-
-
 async def test_silent_daemon_kills_claude_code(short_tmp: Path) -> None:
     script = [Turn(Text("Asking."), ToolUse(ASK, {"question": "Go on?", "choices": ["yes", "no"]}))]
     home = short_tmp / f"home-{os.urandom(3).hex()}"
@@ -99,7 +78,7 @@ async def test_silent_daemon_kills_claude_code(short_tmp: Path) -> None:
             pidfd = os.pidfd_open(claude[0])  # readable once that process has ended
             try:
                 await daemon.send(ping_message(0.5))
-                code = await ack_until_exit(daemon, within=10.0)
+                code = await daemon.ack_until_exit(within=10.0)
                 with anyio.fail_after(5):
                     await anyio.wait_readable(pidfd)
             finally:

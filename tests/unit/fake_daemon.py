@@ -8,6 +8,7 @@ run spawned commands for real, answer questions) until ``done`` or ``fail``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -92,6 +93,27 @@ class FakeDaemon:
     async def wait_exit(self, within: float = STEP) -> int:
         """The agent's exit status; it must exit within ``within`` seconds."""
         with anyio.fail_after(within):
+            return await self.process.wait()
+
+    async def ack_until_exit(self, within: float) -> int:
+        """Acknowledge everything the agent sends until it exits; its exit status."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        with anyio.fail_after(within):
+            while True:
+                try:
+                    self._buffer += await stdout.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+                while b"\n" in self._buffer:
+                    line, _, self._buffer = self._buffer.partition(b"\n")
+                    message = json.loads(line)
+                    self.received.append(message)
+                    if "ref" in message:
+                        with contextlib.suppress(
+                            anyio.BrokenResourceError, anyio.ClosedResourceError
+                        ):
+                            await self.ack(message)  # unless it exited in between
             return await self.process.wait()
 
     async def stdout_closed(self) -> bool:

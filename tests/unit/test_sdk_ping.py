@@ -5,7 +5,6 @@ subprocesses over pipes, played by a hand-made daemon (tests/unit/fake_daemon.py
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -43,27 +42,6 @@ async def main(agent):
 """
 
 
-async def ack_until_exit(daemon: FakeDaemon, within: float) -> int:
-    """Acknowledge everything the agent sends until it exits; its exit status."""
-    stdout = daemon.process.stdout
-    assert stdout is not None
-    buffer = b""
-    with anyio.fail_after(within):
-        while True:
-            try:
-                buffer += await stdout.receive()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                break
-            while b"\n" in buffer:
-                line, _, buffer = buffer.partition(b"\n")
-                message = json.loads(line)
-                daemon.received.append(message)
-                if "ref" in message:
-                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        await daemon.ack(message)  # unless it exited in between
-        return await daemon.process.wait()
-
-
 async def tick(daemon: FakeDaemon) -> None:
     await daemon.ack(await daemon.expect("activity"))
 
@@ -74,7 +52,7 @@ async def test_silence_after_a_ping_stops_the_agent(tmp_path: Path) -> None:
         await tick(daemon)
         pinged = time.monotonic()
         await daemon.send(ping_message(VALID_FOR))
-        code = await ack_until_exit(daemon, within=4.0)
+        code = await daemon.ack_until_exit(within=4.0)
         elapsed = time.monotonic() - pinged
 
     assert code == sdk.EXIT_DAEMON_SILENT == 75, daemon.stderr
@@ -103,7 +81,7 @@ async def test_pings_keep_it_alive_and_other_lines_do_not(tmp_path: Path) -> Non
         assert STOP_LINE not in daemon.stderr
         # Acks, answers and the like go on; pings stop: the agent stops itself.
         stopped = time.monotonic()
-        code = await ack_until_exit(daemon, within=3.0)
+        code = await daemon.ack_until_exit(within=3.0)
         assert time.monotonic() - stopped < VALID_FOR + 2.0
 
     assert code == sdk.EXIT_DAEMON_SILENT, daemon.stderr
@@ -122,7 +100,7 @@ async def test_an_agent_never_pinged_never_stops_itself(tmp_path: Path) -> None:
         await tick(daemon)
         assert daemon.process.returncode is None, daemon.stderr
         await daemon.close_stdin()
-        code = await ack_until_exit(daemon, within=3.0)
+        code = await daemon.ack_until_exit(within=3.0)
 
     assert code == sdk.EXIT_DAEMON_GONE, daemon.stderr
     assert "ignoring a ping without a finite 'valid_for'" in daemon.stderr
@@ -135,7 +113,7 @@ async def test_a_ping_before_start_arms_and_start_still_works(tmp_path: Path) ->
         await daemon.send(ping_message(VALID_FOR))
         await daemon.start()
         await tick(daemon)
-        code = await ack_until_exit(daemon, within=3.0)
+        code = await daemon.ack_until_exit(within=3.0)
 
     assert code == sdk.EXIT_DAEMON_SILENT, daemon.stderr
     assert "hook ran" in daemon.stderr
