@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit_files import directives, one_directive
+
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 MAX_EXPOSURE = 2.0
@@ -32,29 +34,6 @@ def _makima_script() -> Path:
     script = Path(found) if found else Path(sys.executable).parent / "makima"
     assert script.is_file() and os.access(script, os.X_OK), f"no makima console script: {script}"
     return script
-
-
-def _directives(path: Path) -> dict[str, list[tuple[str, str]]]:
-    """Section → (key, value) pairs in order (unit files repeat keys)."""
-    sections: dict[str, list[tuple[str, str]]] = {}
-    current = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = line[1:-1]
-            sections.setdefault(current, [])
-            continue
-        key, _, value = line.partition("=")
-        sections[current].append((key.strip(), value.strip()))
-    return sections
-
-
-def _one(path: Path, section: str, key: str) -> str:
-    values = [v for k, v in _directives(path).get(section, []) if k == key]
-    assert len(values) == 1, f"{path.name} [{section}] {key}= appears {len(values)} times"
-    return values[0]
 
 
 @pytest.fixture
@@ -124,20 +103,20 @@ def test_service_exposure_is_low(installed: Path) -> None:
 
 def test_service_contract() -> None:
     service = UNITS / "makima.service"
-    assert _one(service, "Service", "Type") == "notify"
-    assert _one(service, "Service", "NotifyAccess") == "main"
-    assert _one(service, "Service", "ExecStart").split()[1:] == ["daemon"]
-    assert _one(service, "Service", "Restart") == "on-failure"
-    assert _one(service, "Service", "KillMode") == "mixed"
-    assert _one(service, "Service", "WatchdogSec")
-    assert _one(service, "Service", "TimeoutStopSec")
-    assert _one(service, "Service", "User") == "makima"
-    assert _one(service, "Service", "Group") == "makima"
-    assert _one(service, "Service", "StateDirectory") == "makima"
-    assert _one(service, "Service", "StateDirectoryMode") == "0700"
-    assert _one(service, "Service", "RuntimeDirectory") == "makima"
-    assert _one(service, "Unit", "Requires") == "makima.socket"
-    assert "makima.socket" in _one(service, "Unit", "After").split()
+    assert one_directive(service, "Service", "Type") == "notify"
+    assert one_directive(service, "Service", "NotifyAccess") == "main"
+    assert one_directive(service, "Service", "ExecStart").split()[1:] == ["daemon"]
+    assert one_directive(service, "Service", "Restart") == "on-failure"
+    assert one_directive(service, "Service", "KillMode") == "mixed"
+    assert one_directive(service, "Service", "WatchdogSec")
+    assert one_directive(service, "Service", "TimeoutStopSec")
+    assert one_directive(service, "Service", "User") == "makima"
+    assert one_directive(service, "Service", "Group") == "makima"
+    assert one_directive(service, "Service", "StateDirectory") == "makima"
+    assert one_directive(service, "Service", "StateDirectoryMode") == "0700"
+    assert one_directive(service, "Service", "RuntimeDirectory") == "makima"
+    assert one_directive(service, "Unit", "Requires") == "makima.socket"
+    assert "makima.socket" in one_directive(service, "Unit", "After").split()
 
 
 def test_stop_kills_the_whole_control_group() -> None:
@@ -146,22 +125,22 @@ def test_stop_kills_the_whole_control_group() -> None:
     KillMode=mixed the daemon alone gets SIGTERM, then every process of the group
     left over gets SIGKILL (control-group would be as good, process or none not)."""
     service = UNITS / "makima.service"
-    assert _one(service, "Service", "KillMode") in ("mixed", "control-group")
-    directives = dict(_directives(service)["Service"])
-    assert directives.get("SendSIGKILL", "yes") == "yes"
-    assert directives.get("FinalKillSignal", "SIGKILL") in ("SIGKILL", "9")
+    assert one_directive(service, "Service", "KillMode") in ("mixed", "control-group")
+    settings = dict(directives(service)["Service"])
+    assert settings.get("SendSIGKILL", "yes") == "yes"
+    assert settings.get("FinalKillSignal", "SIGKILL") in ("SIGKILL", "9")
 
 
 def test_socket_contract() -> None:
     sock = UNITS / "makima.socket"
-    listen = _one(sock, "Socket", "ListenStream")
+    listen = one_directive(sock, "Socket", "ListenStream")
     assert listen == "/run/makima.sock"
     # Not inside the service's RuntimeDirectory, which goes away when the service stops.
-    runtime = "/run/" + _one(UNITS / "makima.service", "Service", "RuntimeDirectory")
+    runtime = "/run/" + one_directive(UNITS / "makima.service", "Service", "RuntimeDirectory")
     assert not listen.startswith(runtime + "/")
-    assert _one(sock, "Socket", "SocketMode") == "0660"
-    assert _one(sock, "Socket", "SocketGroup") == "makima"
-    assert _one(sock, "Socket", "RemoveOnStop") == "yes"
+    assert one_directive(sock, "Socket", "SocketMode") == "0660"
+    assert one_directive(sock, "Socket", "SocketGroup") == "makima"
+    assert one_directive(sock, "Socket", "RemoveOnStop") == "yes"
 
 
 @pytest.mark.skipif(SYSUSERS is None, reason="systemd-sysusers not found")

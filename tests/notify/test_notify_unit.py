@@ -11,31 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit_files import directives, one_directive
+
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "makima-notify.service"
 ANALYZE = shutil.which("systemd-analyze")
 
 
-def directives(path: Path) -> dict[str, list[tuple[str, str]]]:
-    sections: dict[str, list[tuple[str, str]]] = {}
-    current = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = line[1:-1]
-            sections.setdefault(current, [])
-            continue
-        key, _, value = line.partition("=")
-        sections[current].append((key.strip(), value.strip()))
-    return sections
-
-
 def one(section: str, key: str) -> str:
-    values = [v for k, v in directives(UNIT).get(section, []) if k == key]
-    assert len(values) == 1, f"[{section}] {key}= appears {len(values)} times"
-    return values[0]
+    return one_directive(UNIT, section, key)
 
 
 def test_the_user_unit_contract() -> None:
