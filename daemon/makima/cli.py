@@ -26,7 +26,7 @@ from makima.agents.claude.settings import ClaudeSettings, PermissionMode
 from makima.cluster_drill import ClusterSettings
 from makima.config import DaemonConfig, TaskRestartPolicy, client_socket_path
 from makima.control.client import ControlClient, DaemonNotRunningError, RemoteError
-from makima.drill import DrillSettings
+from makima.drill import Check, DrillSettings
 from makima.errors import InvalidValueError, MakimaError
 from makima.fuzz import FuzzSettings
 from makima.notify.command import notify_command
@@ -942,10 +942,7 @@ def drill(
             }
         )
     else:
-        table = Table("check", "result", "detail", title="makima drill")
-        for c in report.checks:
-            table.add_row(c.name, "[green]ok[/green]" if c.ok else "[red]VIOLATED[/red]", c.detail)
-        out.print(table)
+        out.print(_checks_table("makima drill", report.checks))
         out.print(
             f"{report.kills_survived} kills survived, {report.supervisors} supervisors, "
             f"{report.questions} questions, {report.answers} answers, {report.tasks} tasks "
@@ -954,6 +951,16 @@ def drill(
         if not report.ok:
             out.print(f"files kept in {report.scratch}", markup=False)
     sys.exit(0 if report.ok else EXIT_FAILURE)
+
+
+def _checks_table(title: str, checks: Sequence[Check]) -> Table:
+    """A drill's checks: each ok or VIOLATED, with its detail."""
+    table = Table("check", "result", "detail", title=title)
+    for c in checks:
+        table.add_row(
+            cell(c.name), Text("ok", "green") if c.ok else Text("VIOLATED", "red"), cell(c.detail)
+        )
+    return table
 
 
 def cluster_drill(settings: ClusterSettings, *, as_json: bool) -> NoReturn:
@@ -982,12 +989,7 @@ def cluster_drill(settings: ClusterSettings, *, as_json: bool) -> NoReturn:
     if as_json:
         print_json(report.to_json())
         sys.exit(0 if report.ok else EXIT_FAILURE)
-    table = Table("check", "result", "detail", title=f"makima drill --daemons {report.daemons}")
-    for c in report.checks:
-        table.add_row(
-            cell(c.name), Text("ok", "green") if c.ok else Text("VIOLATED", "red"), cell(c.detail)
-        )
-    out.print(table)
+    out.print(_checks_table(f"makima drill --daemons {report.daemons}", report.checks))
     takeovers = Table(
         "scenario",
         "resumed",
