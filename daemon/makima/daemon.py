@@ -774,16 +774,9 @@ class Daemon:
     async def handle_requests(self, request_ids: Sequence[uuid.UUID]) -> None:
         """Carry out the cancels and resumes asked on other daemons for supervisors
         that run here; each once (the row says whether it was)."""
-        fresh = [r for r in request_ids if r not in self._handling]
-        if not fresh:
-            return
-        self._handling.update(fresh)
-        try:
-            await self._handle_requests(fresh)
-        except Exception as exc:  # noqa: BLE001 - the next renewal's poll tries again
-            log.warning("request.handling_failed", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self._handling.difference_update(fresh)
+        await _once_at_a_time(
+            request_ids, self._handling, self._handle_requests, "request.handling_failed"
+        )
 
     async def _handle_requests(self, fresh: Sequence[uuid.UUID]) -> None:
         for request in await self.store.get_requests(fresh):
@@ -817,16 +810,12 @@ class Daemon:
         open_here = {
             q.id for r in self.runners.values() for q in r.supervisor.state.pending_questions
         }
-        fresh = [q for q in question_ids if q in open_here and q not in self._absorbing]
-        if not fresh:
-            return
-        self._absorbing.update(fresh)
-        try:
-            await self._absorb(fresh)
-        except Exception as exc:  # noqa: BLE001 - the next renewal's poll tries again
-            log.warning("question.absorb_failed", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self._absorbing.difference_update(fresh)
+        await _once_at_a_time(
+            [q for q in question_ids if q in open_here],
+            self._absorbing,
+            self._absorb,
+            "question.absorb_failed",
+        )
 
     async def _absorb(self, question_ids: Sequence[uuid.UUID]) -> None:
         for question_id in question_ids:
@@ -850,6 +839,27 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             for supervisor in supervisors:
                 tg.start_soon(supervisor.ping, valid_for)
+
+
+async def _once_at_a_time(
+    ids: Sequence[uuid.UUID],
+    in_flight: set[uuid.UUID],
+    work: Callable[[Sequence[uuid.UUID]], Awaitable[None]],
+    failed: str,
+) -> None:
+    """``work`` on the ids not already being worked on (a NOTIFY and a renewal's poll
+    may bring the same ones); a failure is logged as ``failed`` and never ends the
+    daemon: the next renewal's poll brings them again."""
+    fresh = [i for i in ids if i not in in_flight]
+    if not fresh:
+        return
+    in_flight.update(fresh)
+    try:
+        await work(fresh)
+    except Exception as exc:  # noqa: BLE001 - the next renewal's poll tries again
+        log.warning(failed, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        in_flight.difference_update(fresh)
 
 
 def outcome_of(outcome: Any) -> dict[str, Any]:
