@@ -24,7 +24,7 @@ from makima.database import is_connection_error
 from makima.events import EventBus, EventKind
 from makima.model import Fence
 from makima.repository import CHANNEL
-from makima.store import LeaseRenewed, Store
+from makima.store import DaemonRegistered, LeaseReleased, LeaseRenewed, Store
 
 log = structlog.get_logger("makima.member")
 
@@ -114,7 +114,11 @@ class Member:
 
     async def _first_renewal(self) -> None:
         """The daemon's start waits for its lease (the database is up: it just
-        applied the schema); failures are retried like any renewal."""
+        applied the schema); failures are retried like any renewal. It registers
+        first: this start's pid, host and start time (the renewals keep them)."""
+        await self.store.register_daemon(
+            DaemonRegistered(self.host.daemon_id, self._hostname, os.getpid(), self.timer.ttl)
+        )
         while True:
             sent = boottime()
             if await self._renew(sent):
@@ -283,8 +287,6 @@ class Member:
 
     async def release(self) -> None:
         """A handover: let go of the lease so that peers claim now."""
-        from makima.store import LeaseReleased
-
         try:
             await self.store.release_lease(LeaseReleased(self.host.daemon_id))
         except Exception as exc:  # noqa: BLE001 - they claim at the TTL then

@@ -35,7 +35,6 @@ __all__ = [
     "CancelUnheld",
     "CheckpointSaved",
     "DaemonRegistered",
-    "DaemonSeen",
     "Fence",
     "Heartbeat",
     "Heartbeats",
@@ -270,11 +269,6 @@ class DaemonRegistered:
     host: str
     pid: int
     ttl: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class DaemonSeen:
-    daemon_id: uuid.UUID
 
 
 # ----------------------------------------------------------------- leases (§13)

@@ -48,7 +48,6 @@ from makima.store.commands import (
     CancelUnheld,
     CheckpointSaved,
     DaemonRegistered,
-    DaemonSeen,
     Heartbeats,
     LeaseReleased,
     LeaseRenewed,
@@ -320,14 +319,6 @@ class Store:
             await repo.register_daemon(pool, c.daemon_id, c.host, c.pid, c.ttl)
 
         await self._write("register_daemon", register)
-
-    async def touch_daemon(self, command: DaemonSeen) -> bool:
-        daemon_id = command.daemon_id
-
-        async def touch(pool: Db, retry: bool) -> bool:
-            return await repo.touch_daemon(pool, daemon_id)
-
-        return await self._write("daemon_heartbeat", touch)
 
     async def create_supervisor(self, command: SupervisorCreated) -> SupervisorState:
         """A person's request: it fails fast while the database is away."""
